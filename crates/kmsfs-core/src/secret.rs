@@ -128,11 +128,7 @@ fn lock_region(bytes: &[u8]) -> bool {
         let page = page_size();
         let start = (ptr as usize) & !(page - 1);
         let end = (ptr as usize + bytes.len()).div_ceil(page) * page;
-        let _ = libc::madvise(
-            start as *mut libc::c_void,
-            end - start,
-            libc::MADV_DONTDUMP,
-        );
+        let _ = libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTDUMP);
         ok
     }
 }
