@@ -1,1 +1,3 @@
 //! Harness for end-to-end tests.
+
+pub mod bao;

@@ -1,1 +1,61 @@
-//! placeholder
+//! kmsfs FUSE driver: serves the decrypted view of a backing directory.
+//!
+//! The driver is handed already-derived keys; it never talks to a KMS, so a
+//! KMS outage cannot disturb a live mount.
+
+mod fs;
+mod node;
+mod sys;
+
+pub use fs::KmsFs;
+pub use fuser::{BackgroundSession, MountOption};
+
+use kmsfs_core::keys::FsKeys;
+use std::io;
+use std::path::Path;
+
+/// How to mount.
+#[derive(Debug, Clone, Default)]
+pub struct MountSettings {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Let users other than the mounting user in (`allow_other`).
+    pub allow_other: bool,
+    /// Extra kernel mount options (`nosuid`, `nodev`, `noexec`, ...).
+    pub extra: Vec<MountOption>,
+    /// Number of FUSE worker threads.
+    pub threads: usize,
+}
+
+/// Mounts `cipherdir` at `mountpoint` and serves it on background threads.
+/// Returns once the mount is live; dropping the session unmounts it.
+pub fn spawn_mount(
+    cipherdir: &Path,
+    mountpoint: &Path,
+    keys: FsKeys,
+    settings: &MountSettings,
+) -> io::Result<BackgroundSession> {
+    let fs = KmsFs::new(cipherdir, keys, settings.read_only)?;
+    let mut opts = vec![
+        MountOption::FSName(cipherdir.display().to_string()),
+        MountOption::Subtype("kmsfs".into()),
+        // The daemon runs as root and checks nothing itself: the kernel does.
+        MountOption::DefaultPermissions,
+    ];
+    opts.push(if settings.read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    opts.extend(settings.extra.iter().cloned());
+    let mut config = fuser::Config::default();
+    config.mount_options = opts;
+    config.acl = if settings.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(settings.threads.max(1));
+    config.clone_fd = true;
+    fuser::spawn_mount(fs, mountpoint, &config)
+}

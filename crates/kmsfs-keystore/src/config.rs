@@ -1,0 +1,407 @@
+//! The KMS configuration, stored as TOML.
+//!
+//! ```toml
+//! type = "vault"
+//! addresses = ["https://vault-1:8200", "https://vault-2:8200"]
+//! key_name = "kmsfs"
+//! transit_path = "transit"
+//! namespace = "team-a"          # optional
+//! ca_cert = "/etc/kmsfs/ca.pem" # optional
+//! timeout_secs = 10
+//! auth = { method = "approle", role_id = "…", secret_id_file = "/etc/kmsfs/secret-id" }
+//! ```
+//!
+//! The configuration never holds a token or secret id, only the paths of the
+//! files holding them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::atomic_file::write_atomic;
+use crate::error::{KmsError, Result};
+
+/// The only supported KMS kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KmsKind {
+    /// HashiCorp Vault or OpenBao, Transit secrets engine.
+    #[serde(rename = "vault")]
+    Vault,
+}
+
+/// How to authenticate to Vault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
+pub enum AuthConfig {
+    /// A token read from `token_file`; when `token_file` is absent, from the
+    /// environment (`VAULT_TOKEN`, then `BAO_TOKEN`) when the client is built.
+    Token {
+        /// File holding the token (mode 0600 or stricter).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_file: Option<PathBuf>,
+    },
+    /// AppRole login with a role id and a secret id read from a file.
+    #[serde(rename = "approle")]
+    AppRole {
+        /// The role id (not secret on its own).
+        role_id: String,
+        /// File holding the secret id (mode 0600 or stricter).
+        secret_id_file: PathBuf,
+        /// Mount path of the AppRole auth method.
+        #[serde(default = "default_approle_path")]
+        path: String,
+    },
+}
+
+fn default_approle_path() -> String {
+    "approle".into()
+}
+fn default_transit_path() -> String {
+    "transit".into()
+}
+fn default_timeout_secs() -> u64 {
+    10
+}
+fn default_attempts() -> u32 {
+    3
+}
+
+/// Connection settings for the KMS that wraps kmsfs master keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsConfig {
+    /// KMS kind; only `"vault"`.
+    #[serde(rename = "type")]
+    pub kind: KmsKind,
+    /// Server addresses (`https://host:8200`), tried in order; the active
+    /// node of an HA cluster is picked by `sys/health`.
+    pub addresses: Vec<String>,
+    /// Name of the Transit key that wraps the filesystem master key.
+    pub key_name: String,
+    /// Mount path of the Transit engine.
+    #[serde(default = "default_transit_path")]
+    pub transit_path: String,
+    /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Authentication method.
+    pub auth: AuthConfig,
+    /// PEM file of the CA that signed the server certificate; when absent,
+    /// `VAULT_CACERT` / `BAO_CACERT` is used if set, else the built-in roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `client_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for mutual TLS (with `client_cert`), mode 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+    /// Timeout of each HTTP request, in seconds.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+    /// How many times a request is tried (across nodes) before giving up.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+}
+
+impl KmsConfig {
+    /// A token-authenticated configuration with defaults for everything else.
+    pub fn new(addresses: Vec<String>, key_name: impl Into<String>, auth: AuthConfig) -> Self {
+        KmsConfig {
+            kind: KmsKind::Vault,
+            addresses,
+            key_name: key_name.into(),
+            transit_path: default_transit_path(),
+            namespace: None,
+            auth,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            timeout_secs: default_timeout_secs(),
+            attempts: default_attempts(),
+        }
+    }
+
+    /// Reads and validates a TOML configuration file. Errors name the file,
+    /// and the line and column for malformed TOML.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path).map_err(|e| KmsError::Config {
+            detail: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, origin, &e))?;
+        match table.get("type") {
+            None => {
+                return Err(KmsError::Config {
+                    detail: format!("{origin}: missing `type` (expected type = \"vault\")"),
+                })
+            }
+            Some(toml::Value::String(s)) if s == "vault" => {}
+            Some(other) => {
+                let line = text
+                    .lines()
+                    .position(|l| {
+                        let l = l.trim_start();
+                        l.starts_with("type") && l[4..].trim_start().starts_with('=')
+                    })
+                    .map(|i| format!(", line {}", i + 1))
+                    .unwrap_or_default();
+                return Err(KmsError::Config {
+                    detail: format!(
+                        "{origin}{line}: unsupported KMS type {other}; only \"vault\" (HashiCorp Vault / OpenBao Transit) is supported"
+                    ),
+                });
+            }
+        }
+        let cfg: KmsConfig = toml::from_str(text).map_err(|e| toml_error(text, origin, &e))?;
+        cfg.validate().map_err(|e| match e {
+            KmsError::Config { detail } => KmsError::Config {
+                detail: format!("{origin}: {detail}"),
+            },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot: non-empty address list with `http(s)://`
+    /// schemes, non-empty key name, positive timeout and attempts, and
+    /// client certificate and key given together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |detail: String| Err(KmsError::Config { detail });
+        if self.addresses.is_empty() {
+            return bad("`addresses` is empty; give at least one https://host:port".into());
+        }
+        for a in &self.addresses {
+            if !(a.starts_with("https://") || a.starts_with("http://")) {
+                return bad(format!(
+                    "address '{a}' must start with https:// (or http:// for a local dev server)"
+                ));
+            }
+        }
+        if self.key_name.trim().is_empty() || self.key_name.contains('/') {
+            return bad(format!("invalid key_name '{}'", self.key_name));
+        }
+        if self.transit_path.trim_matches('/').is_empty() {
+            return bad("`transit_path` is empty".into());
+        }
+        if self.timeout_secs == 0 {
+            return bad("`timeout_secs` must be at least 1".into());
+        }
+        if self.attempts == 0 {
+            return bad("`attempts` must be at least 1".into());
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return bad("`client_cert` and `client_key` must be given together".into());
+        }
+        if let AuthConfig::AppRole { role_id, path, .. } = &self.auth {
+            if role_id.trim().is_empty() {
+                return bad("AppRole `role_id` is empty".into());
+            }
+            if path.trim_matches('/').is_empty() {
+                return bad("AppRole `path` is empty".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the configuration as TOML atomically with mode 0600.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(self).map_err(|e| KmsError::Config {
+            detail: format!("cannot serialize configuration: {e}"),
+        })?;
+        write_atomic(path, text.as_bytes(), 0o600).map_err(|e| KmsError::Config {
+            detail: format!("cannot write {}: {e}", path.display()),
+        })
+    }
+
+    /// A configuration from the usual Vault/OpenBao environment variables,
+    /// or `None` when neither `VAULT_ADDR` nor `BAO_ADDR` is set.
+    ///
+    /// * `VAULT_ADDR` / `BAO_ADDR`: address, or several comma-separated;
+    /// * `KMSFS_KMS_KEY`: Transit key name (default `kmsfs`);
+    /// * `KMSFS_TOKEN_FILE`: token file; without it the token is taken from
+    ///   `VAULT_TOKEN` / `BAO_TOKEN` when the client is built and kept in
+    ///   memory only (never written to a configuration);
+    /// * `VAULT_NAMESPACE` / `BAO_NAMESPACE`, `VAULT_CACERT` / `BAO_CACERT`,
+    ///   `VAULT_CLIENT_CERT` / `VAULT_CLIENT_KEY`.
+    pub fn from_env() -> Option<Self> {
+        Self::from_env_with(|k| std::env::var(k).ok())
+    }
+
+    /// [`KmsConfig::from_env`] with an explicit variable lookup (for tests).
+    pub fn from_env_with(var: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let get = |names: &[&str]| {
+            names
+                .iter()
+                .filter_map(|n| var(n))
+                .find(|v| !v.trim().is_empty())
+        };
+        let addrs = get(&["VAULT_ADDR", "BAO_ADDR"])?;
+        let addresses = addrs
+            .split(',')
+            .map(|a| a.trim().trim_end_matches('/').to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        let auth = AuthConfig::Token {
+            token_file: get(&["KMSFS_TOKEN_FILE"]).map(PathBuf::from),
+        };
+        let mut cfg = KmsConfig::new(
+            addresses,
+            get(&["KMSFS_KMS_KEY"]).unwrap_or_else(|| "kmsfs".into()),
+            auth,
+        );
+        cfg.namespace = get(&["VAULT_NAMESPACE", "BAO_NAMESPACE"]);
+        cfg.ca_cert = get(&["VAULT_CACERT", "BAO_CACERT"]).map(PathBuf::from);
+        cfg.client_cert = get(&["VAULT_CLIENT_CERT", "BAO_CLIENT_CERT"]).map(PathBuf::from);
+        cfg.client_key = get(&["VAULT_CLIENT_KEY", "BAO_CLIENT_KEY"]).map(PathBuf::from);
+        Some(cfg)
+    }
+}
+
+fn toml_error(text: &str, origin: &str, e: &toml::de::Error) -> KmsError {
+    let location = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!(", line {line}, column {col}")
+        }
+        None => String::new(),
+    };
+    KmsError::Config {
+        detail: format!("{origin}{location}: {}", e.message().trim_end()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const GOOD: &str = r#"
+type = "vault"
+addresses = ["https://a:8200", "https://b:8200"]
+key_name = "kmsfs"
+namespace = "ns1"
+ca_cert = "/etc/ca.pem"
+auth = { method = "approle", role_id = "rid", secret_id_file = "/etc/sid" }
+"#;
+
+    #[test]
+    fn parses_approle_with_defaults() {
+        let c = KmsConfig::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.addresses.len(), 2);
+        assert_eq!(c.transit_path, "transit");
+        assert_eq!(c.timeout_secs, 10);
+        assert_eq!(c.attempts, 3);
+        assert_eq!(
+            c.auth,
+            AuthConfig::AppRole {
+                role_id: "rid".into(),
+                secret_id_file: "/etc/sid".into(),
+                path: "approle".into()
+            }
+        );
+    }
+
+    #[test]
+    fn parses_token_auth_table() {
+        let t = "type = \"vault\"\naddresses = [\"http://127.0.0.1:8200\"]\nkey_name = \"k\"\n[auth]\nmethod = \"token\"\ntoken_file = \"/run/tok\"\n";
+        let c = KmsConfig::parse(t, "t.toml").unwrap();
+        assert_eq!(
+            c.auth,
+            AuthConfig::Token {
+                token_file: Some("/run/tok".into())
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_toml_names_file_and_line() {
+        let t = "type = \"vault\"\naddresses = [\"https://a\"]\nkey_name = kmsfs\n";
+        let e = KmsConfig::parse(t, "/etc/kmsfs/kms.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/etc/kmsfs/kms.toml"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn wrong_field_type_has_line() {
+        let t = "type = \"vault\"\naddresses = [\"https://a\"]\nkey_name = \"k\"\ntimeout_secs = \"ten\"\nauth = { method = \"token\" }\n";
+        let e = KmsConfig::parse(t, "c.toml").unwrap_err().to_string();
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn unknown_type_is_rejected() {
+        let t = "\ntype = \"aws-kms\"\naddresses = [\"https://a\"]\nkey_name = \"k\"\nauth = { method = \"token\" }\n";
+        let e = KmsConfig::parse(t, "c.toml").unwrap_err().to_string();
+        assert!(e.contains("unsupported KMS type"), "{e}");
+        assert!(e.contains("aws-kms") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_and_auth_method_rejected() {
+        let t = "type = \"vault\"\naddresses = [\"https://a\"]\nkey_name = \"k\"\nauth = { method = \"token\" }\ntoken = \"s.x\"\n";
+        let e = KmsConfig::parse(t, "c.toml").unwrap_err().to_string();
+        assert!(e.contains("token") && e.contains("line 5"), "{e}");
+        let t = "type = \"vault\"\naddresses = [\"https://a\"]\nkey_name = \"k\"\nauth = { method = \"ldap\" }\n";
+        assert!(KmsConfig::parse(t, "c.toml").is_err());
+    }
+
+    #[test]
+    fn validation_errors() {
+        let t =
+            "type = \"vault\"\naddresses = []\nkey_name = \"k\"\nauth = { method = \"token\" }\n";
+        let e = KmsConfig::parse(t, "c.toml").unwrap_err().to_string();
+        assert!(e.contains("addresses"), "{e}");
+        let t = "type = \"vault\"\naddresses = [\"vault:8200\"]\nkey_name = \"k\"\nauth = { method = \"token\" }\n";
+        assert!(KmsConfig::parse(t, "c.toml").is_err());
+        let t = "type = \"vault\"\naddresses = [\"https://v\"]\nkey_name = \"k\"\nclient_cert = \"/c\"\nauth = { method = \"token\" }\n";
+        assert!(KmsConfig::parse(t, "c.toml").is_err());
+    }
+
+    #[test]
+    fn save_is_0600_and_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kms.toml");
+        let c = KmsConfig::parse(GOOD, "t").unwrap();
+        c.save(&p).unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(KmsConfig::load(&p).unwrap(), c);
+    }
+
+    #[test]
+    fn load_missing_file_names_it() {
+        let e = KmsConfig::load(Path::new("/nonexistent/kms.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/kms.toml"), "{e}");
+    }
+
+    #[test]
+    fn from_env() {
+        assert!(KmsConfig::from_env_with(|_| None).is_none());
+        let c = KmsConfig::from_env_with(|k| match k {
+            "BAO_ADDR" => Some("http://a:1/, http://b:2".into()),
+            "VAULT_TOKEN" => Some("s.secret".into()),
+            "KMSFS_KMS_KEY" => Some("fs".into()),
+            "VAULT_CACERT" => Some("/ca.pem".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.addresses, vec!["http://a:1", "http://b:2"]);
+        assert_eq!(c.key_name, "fs");
+        assert_eq!(c.ca_cert.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(c.auth, AuthConfig::Token { token_file: None });
+        let text = toml::to_string(&c).unwrap();
+        assert!(!text.contains("s.secret"));
+    }
+}

@@ -1,0 +1,527 @@
+//! The HTTP core: node selection, failover, retries, authentication headers.
+
+use std::error::Error as _;
+use std::fs;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kmsfs_core::secret::SecretBytes;
+use reqwest::header::HeaderValue;
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::config::KmsConfig;
+use crate::error::{KmsError, Result};
+use crate::secret_file::read_secret_file;
+use crate::vault::auth::Credentials;
+use crate::vault::health::{NodeHealth, NodeState};
+
+/// First pause between attempts; doubled each time, capped at [`MAX_BACKOFF`].
+const BASE_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// An async client for the parts of the Vault / OpenBao HTTP API kmsfs uses.
+///
+/// Built from a [`KmsConfig`] without touching the network. Every request
+/// goes to the active node of the configured addresses (found with
+/// `sys/health` and remembered until it fails), fails over to the next
+/// address on connection errors, timeouts and sealed nodes, and is tried at
+/// most `attempts` times with exponential backoff, each try bounded by
+/// `timeout_secs`. With AppRole the client logs in on first use and once
+/// more when a request is refused with 403 (expired token).
+///
+/// Tokens are held in [`SecretBytes`]; HTTP header copies made by `reqwest`
+/// are marked sensitive but cannot be zeroized.
+pub struct VaultClient {
+    pub(crate) http: reqwest::Client,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) transit_path: String,
+    pub(crate) key_name: String,
+    pub(crate) timeout: Duration,
+    pub(crate) attempts: u32,
+    pub(crate) credentials: Credentials,
+    pub(crate) token: tokio::sync::Mutex<Option<SecretBytes>>,
+    active: Mutex<Option<usize>>,
+}
+
+impl std::fmt::Debug for VaultClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultClient")
+            .field("addresses", &self.addresses)
+            .field("namespace", &self.namespace)
+            .field("transit_path", &self.transit_path)
+            .field("key_name", &self.key_name)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A raw answer: status and body (zeroized when dropped, since bodies may
+/// carry plaintext keys or tokens).
+pub(crate) struct Reply {
+    pub status: u16,
+    pub body: Zeroizing<Vec<u8>>,
+}
+
+enum Transport {
+    Tls(String),
+    Other(String),
+}
+
+impl VaultClient {
+    /// Builds a client from a configuration, reading the token file (or
+    /// `VAULT_TOKEN` / `BAO_TOKEN` when the token auth has no file), the CA
+    /// file (or `VAULT_CACERT` / `BAO_CACERT`) and the client certificate.
+    /// No network access happens here.
+    pub fn new(config: &KmsConfig) -> Result<Self> {
+        let credentials = Credentials::from_config(&config.auth)?;
+        Self::with_credentials(config, credentials)
+    }
+
+    /// Like [`VaultClient::new`] with credentials supplied by the caller
+    /// (`config.auth` is ignored).
+    pub fn with_credentials(config: &KmsConfig, credentials: Credentials) -> Result<Self> {
+        config.validate()?;
+        let timeout = Duration::from_secs(config.timeout_secs);
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            // Never follow redirects: the token header would go along.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("kmsfs/", env!("CARGO_PKG_VERSION")));
+
+        let ca_path = config.ca_cert.clone().or_else(|| {
+            ["VAULT_CACERT", "BAO_CACERT"]
+                .iter()
+                .filter_map(std::env::var_os)
+                .find(|v| !v.is_empty())
+                .map(Into::into)
+        });
+        if let Some(ca) = ca_path {
+            let pem = fs::read(&ca).map_err(|e| KmsError::Tls {
+                detail: format!("cannot read CA certificate {}: {e}", ca.display()),
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| KmsError::Tls {
+                detail: format!("invalid CA certificate {}: {e}", ca.display()),
+            })?;
+            if certs.is_empty() {
+                return Err(KmsError::Tls {
+                    detail: format!("no PEM certificate found in {}", ca.display()),
+                });
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        if let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) {
+            let cert_pem = fs::read(cert).map_err(|e| KmsError::Tls {
+                detail: format!("cannot read client certificate {}: {e}", cert.display()),
+            })?;
+            let key_pem = read_secret_file(key, false)?;
+            let mut both = Zeroizing::new(Vec::with_capacity(cert_pem.len() + key_pem.len() + 1));
+            both.extend_from_slice(&cert_pem);
+            both.push(b'\n');
+            both.extend_from_slice(key_pem.expose());
+            let id = reqwest::Identity::from_pem(&both).map_err(|e| KmsError::Tls {
+                detail: format!(
+                    "invalid client certificate/key {} / {}: {e}",
+                    cert.display(),
+                    key.display()
+                ),
+            })?;
+            builder = builder.identity(id);
+        }
+        let http = builder.build().map_err(|e| KmsError::Tls {
+            detail: format!("cannot build the HTTPS client: {}", error_chain(&e)),
+        })?;
+
+        Ok(VaultClient {
+            http,
+            addresses: config
+                .addresses
+                .iter()
+                .map(|a| a.trim_end_matches('/').to_string())
+                .collect(),
+            namespace: config.namespace.clone().filter(|n| !n.is_empty()),
+            transit_path: config.transit_path.trim_matches('/').to_string(),
+            key_name: config.key_name.clone(),
+            timeout,
+            attempts: config.attempts,
+            credentials,
+            token: tokio::sync::Mutex::new(None),
+            active: Mutex::new(None),
+        })
+    }
+
+    /// The configured Transit key name (`key_name`).
+    pub fn key_name(&self) -> &str {
+        &self.key_name
+    }
+
+    /// The configured addresses, without trailing slashes.
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    /// The address currently believed to be the active node, if known.
+    pub fn active_address(&self) -> Option<String> {
+        let idx = *self.active.lock().unwrap_or_else(|p| p.into_inner());
+        idx.map(|i| self.addresses[i].clone())
+    }
+
+    /// An authenticated API call with failover, 403 re-login (AppRole) and
+    /// permission mapping. Returns any other status for the caller to map.
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Reply> {
+        let mut relogged_in = false;
+        loop {
+            let token = self.current_token().await?;
+            let reply = self
+                .send(method.clone(), path, body, Some(&token), true)
+                .await?;
+            if reply.status == 403 {
+                if self.credentials.can_login() && !relogged_in {
+                    tracing::info!(path, "KMS refused the request (403); logging in again");
+                    self.invalidate_token(&token).await;
+                    relogged_in = true;
+                    continue;
+                }
+                let errs = api_errors(&reply.body);
+                return Err(KmsError::PermissionDenied {
+                    detail: format!(
+                        "{method} /v1/{path}: {}; check that the token is valid (not expired or revoked) and that its policy allows this path",
+                        if errs.is_empty() { "permission denied".into() } else { errs.join("; ") }
+                    ),
+                });
+            }
+            return Ok(reply);
+        }
+    }
+
+    /// Sends one request to the active node, failing over and retrying.
+    /// 503 and 502/504 answers count as node failures. Returns the reply of
+    /// the first node that answered otherwise.
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        token: Option<&SecretBytes>,
+        with_namespace: bool,
+    ) -> Result<Reply> {
+        let mut last: Option<KmsError> = None;
+        for attempt in 0..self.attempts {
+            if attempt > 0 {
+                let pause = BASE_BACKOFF
+                    .saturating_mul(1 << (attempt - 1).min(16))
+                    .min(MAX_BACKOFF);
+                tokio::time::sleep(pause).await;
+            }
+            let idx = match self.select_active().await {
+                Ok(i) => i,
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(error = %e, attempt, "no active KMS node");
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let addr = &self.addresses[idx];
+            match self
+                .send_to(addr, method.clone(), path, body, token, with_namespace)
+                .await
+            {
+                Ok(reply) if matches!(reply.status, 502..=504) => {
+                    self.forget_active(idx);
+                    let errs = api_errors(&reply.body);
+                    last = Some(
+                        if reply.status == 503 && errs.iter().any(|e| e.contains("sealed")) {
+                            KmsError::Sealed {
+                                address: addr.clone(),
+                            }
+                        } else {
+                            KmsError::Unreachable {
+                                addresses: addr.clone(),
+                                detail: format!("HTTP {}: {}", reply.status, errs.join("; ")),
+                            }
+                        },
+                    );
+                }
+                Ok(reply) => return Ok(reply),
+                Err(Transport::Tls(detail)) => {
+                    return Err(KmsError::Tls {
+                        detail: format!("{addr}: {detail}"),
+                    })
+                }
+                Err(Transport::Other(detail)) => {
+                    tracing::warn!(address = %addr, %detail, "KMS request failed; failing over");
+                    self.forget_active(idx);
+                    last = Some(KmsError::Unreachable {
+                        addresses: addr.clone(),
+                        detail,
+                    });
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| KmsError::Unreachable {
+            addresses: self.addresses.join(", "),
+            detail: "no attempt was made".into(),
+        }))
+    }
+
+    async fn send_to(
+        &self,
+        addr: &str,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        token: Option<&SecretBytes>,
+        with_namespace: bool,
+    ) -> std::result::Result<Reply, Transport> {
+        let url = format!("{addr}/v1/{path}");
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = token {
+            let mut hv = HeaderValue::from_bytes(t.expose()).map_err(|_| {
+                Transport::Other(
+                    "the token contains characters not allowed in an HTTP header".into(),
+                )
+            })?;
+            hv.set_sensitive(true);
+            req = req.header("X-Vault-Token", hv);
+        }
+        if with_namespace {
+            if let Some(ns) = &self.namespace {
+                req = req.header("X-Vault-Namespace", ns.as_str());
+            }
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_vec());
+        }
+        let resp = req.send().await.map_err(|e| self.classify(&e))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| self.classify(&e))?;
+        Ok(Reply {
+            status,
+            body: Zeroizing::new(Vec::from(bytes)),
+        })
+    }
+
+    fn classify(&self, e: &reqwest::Error) -> Transport {
+        if e.is_timeout() {
+            return Transport::Other(format!("timed out after {} s", self.timeout.as_secs()));
+        }
+        let chain = error_chain(e).to_ascii_lowercase();
+        let cause = innermost_cause(e);
+        if [
+            "certificate",
+            "tls",
+            "handshake",
+            "corrupt message",
+            "invalidcontenttype",
+            "unknownissuer",
+        ]
+        .iter()
+        .any(|w| chain.contains(w))
+        {
+            return Transport::Tls(format!(
+                "{cause} (check `ca_cert` / VAULT_CACERT and the address scheme)"
+            ));
+        }
+        if e.is_connect() {
+            return Transport::Other(format!("cannot connect: {cause}"));
+        }
+        Transport::Other(cause)
+    }
+
+    fn forget_active(&self, idx: usize) {
+        let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if *a == Some(idx) {
+            *a = None;
+        }
+    }
+
+    /// The index of the active node: the remembered one, or the first
+    /// address whose `sys/health` answers 200.
+    async fn select_active(&self) -> Result<usize> {
+        if let Some(i) = *self.active.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(i);
+        }
+        let mut states = Vec::new();
+        for (i, addr) in self.addresses.iter().enumerate() {
+            let h = self.node_health(addr).await;
+            if h.state == NodeState::Active {
+                *self.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(i);
+                return Ok(i);
+            }
+            states.push(h);
+        }
+        if let Some(h) = states.iter().find(|h| h.state == NodeState::Sealed) {
+            return Err(KmsError::Sealed {
+                address: h.address.clone(),
+            });
+        }
+        if let Some(h) = states.iter().find(|h| matches!(h.state, NodeState::Tls(_))) {
+            if let NodeState::Tls(d) = &h.state {
+                return Err(KmsError::Tls {
+                    detail: format!("{}: {d}", h.address),
+                });
+            }
+        }
+        Err(KmsError::Unreachable {
+            addresses: self.addresses.join(", "),
+            detail: states
+                .iter()
+                .map(|h| format!("{}: {}", h.address, h.state))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
+    }
+
+    /// `GET /v1/sys/health` on one node, interpreted. Never fails: transport
+    /// problems become [`NodeState::Unreachable`] or [`NodeState::Tls`].
+    pub async fn node_health(&self, addr: &str) -> NodeHealth {
+        #[derive(Deserialize, Default)]
+        struct Raw {
+            version: Option<String>,
+            cluster_name: Option<String>,
+        }
+        let addr = addr.trim_end_matches('/');
+        let (state, raw) = match self
+            .send_to(addr, Method::GET, "sys/health", None, None, false)
+            .await
+        {
+            Err(Transport::Tls(d)) => (NodeState::Tls(d), Raw::default()),
+            Err(Transport::Other(d)) => (NodeState::Unreachable(d), Raw::default()),
+            Ok(r) => {
+                let raw = serde_json::from_slice::<Raw>(&r.body).unwrap_or_default();
+                let state = match r.status {
+                    400 if String::from_utf8_lossy(&r.body).contains("HTTPS server") => {
+                        NodeState::Tls(
+                            "the server speaks HTTPS but the address is http://; use https://"
+                                .into(),
+                        )
+                    }
+                    200 => NodeState::Active,
+                    429 => NodeState::Standby,
+                    472 => NodeState::DrSecondary,
+                    473 => NodeState::PerformanceStandby,
+                    501 => NodeState::NotInitialized,
+                    503 => NodeState::Sealed,
+                    other => NodeState::Unexpected(other),
+                };
+                (state, raw)
+            }
+        };
+        NodeHealth {
+            address: addr.to_string(),
+            state,
+            version: raw.version,
+            cluster_name: raw.cluster_name,
+        }
+    }
+}
+
+/// The `errors` strings of a Vault error body (or a short excerpt of a
+/// non-JSON body).
+pub(crate) fn api_errors(body: &[u8]) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct ErrBody {
+        #[serde(default)]
+        errors: Vec<String>,
+    }
+    match serde_json::from_slice::<ErrBody>(body) {
+        Ok(e) => e.errors.iter().map(|m| clean_message(m)).collect(),
+        Err(_) if body.is_empty() => Vec::new(),
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let mut excerpt: String = text.trim().chars().take(200).collect();
+            if text.trim().chars().count() > 200 {
+                excerpt.push('…');
+            }
+            vec![excerpt]
+        }
+    }
+}
+
+/// Flattens Go multierror text ("1 error occurred:\n\t* permission
+/// denied\n\n") into one line ("permission denied").
+fn clean_message(m: &str) -> String {
+    m.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && (!l.ends_with("occurred:") || !l.contains("error")))
+        .map(|l| l.strip_prefix("* ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Parses the `data` object of a successful answer.
+pub(crate) fn parse_data<T: DeserializeOwned>(path: &str, body: &[u8]) -> Result<T> {
+    #[derive(Deserialize)]
+    struct Envelope<T> {
+        data: T,
+    }
+    serde_json::from_slice::<Envelope<T>>(body)
+        .map(|e| e.data)
+        .map_err(|e| KmsError::Protocol {
+            path: path.to_string(),
+            detail: format!("cannot parse the response: {e}"),
+        })
+}
+
+/// Maps a status the caller has no specific meaning for.
+pub(crate) fn http_error(path: &str, reply: &Reply) -> KmsError {
+    KmsError::Http {
+        status: reply.status,
+        path: format!("/v1/{path}"),
+        errors: api_errors(&reply.body),
+    }
+}
+
+/// The deepest error in the chain: the actual reason ("Connection refused",
+/// "invalid peer certificate: UnknownIssuer") without reqwest's wrapping.
+fn innermost_cause(e: &reqwest::Error) -> String {
+    let mut last: &dyn std::error::Error = e;
+    while let Some(s) = last.source() {
+        last = s;
+    }
+    last.to_string()
+}
+
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multierror_is_flattened() {
+        let body = br#"{"errors":["1 error occurred:\n\t* permission denied\n\n"]}"#;
+        assert_eq!(api_errors(body), vec!["permission denied".to_string()]);
+        assert_eq!(api_errors(b""), Vec::<String>::new());
+        assert_eq!(
+            api_errors(b"Client sent an HTTP request to an HTTPS server.\n"),
+            vec!["Client sent an HTTP request to an HTTPS server.".to_string()]
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! HashiCorp Vault / OpenBao client: HTTP core with HA failover
+//! ([`client`]), authentication ([`auth`]), Transit key wrapping
+//! ([`transit`]) and diagnostics ([`health`]).
+
+pub mod auth;
+pub mod client;
+pub mod health;
+pub mod transit;
+
+pub use auth::Credentials;
+pub use client::VaultClient;
+pub use health::{NodeHealth, NodeState, SealStatus, TokenInfo};
+pub use transit::{ciphertext_version, KeyInfo, WrappedKey};

@@ -1,2 +1,0 @@
-//! `mount.kmsfs`: the mount(8) helper (filled in by the FUSE issue).
-fn main() {}
