@@ -16,12 +16,22 @@ pub struct MountGuard {
 impl MountGuard {
     /// Mounts `cipherdir` at `mountpoint` with keys derived from `master`.
     pub fn mount(cipherdir: &Path, mountpoint: &Path, master: &MasterKey) -> Result<Self> {
-        let keys = FsKeys::derive(master, &TEST_UUID);
         let settings = MountSettings {
             threads: 4,
             ..Default::default()
         };
-        let session = kmsfs_fuse::spawn_mount(cipherdir, mountpoint, keys, &settings)
+        Self::mount_with(cipherdir, mountpoint, master, &settings)
+    }
+
+    /// Mounts with explicit settings (`allow_other` for suites run as other users).
+    pub fn mount_with(
+        cipherdir: &Path,
+        mountpoint: &Path,
+        master: &MasterKey,
+        settings: &MountSettings,
+    ) -> Result<Self> {
+        let keys = FsKeys::derive(master, &TEST_UUID);
+        let session = kmsfs_fuse::spawn_mount(cipherdir, mountpoint, keys, settings)
             .with_context(|| format!("mounting {}", mountpoint.display()))?;
         Ok(MountGuard {
             session: Some(session),

@@ -1,3 +1,5 @@
 //! Harness for end-to-end tests.
 
 pub mod bao;
+pub mod cli;
+pub mod fuse;

@@ -198,7 +198,10 @@ fn names_links_renames_and_directories() {
     // Symlinks, relative and absolute-looking, plus a 255-byte link name.
     std::os::unix::fs::symlink("../d/x", p.join("a/rel")).unwrap();
     std::os::unix::fs::symlink("/nonexistent/target/path", p.join(&long)).unwrap();
-    assert_eq!(fs::read_link(p.join("a/rel")).unwrap().to_str(), Some("../d/x"));
+    assert_eq!(
+        fs::read_link(p.join("a/rel")).unwrap().to_str(),
+        Some("../d/x")
+    );
     assert_eq!(fs::read(p.join("a/rel")).unwrap(), b"new+appended");
     assert_eq!(fs::symlink_metadata(p.join("a/rel")).unwrap().len(), 6);
     assert_eq!(
@@ -211,7 +214,12 @@ fn names_links_renames_and_directories() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     listed.sort();
-    let mut want = vec!["a".to_string(), "d".to_string(), uni.to_string(), long.clone()];
+    let mut want = vec![
+        "a".to_string(),
+        "d".to_string(),
+        uni.to_string(),
+        long.clone(),
+    ];
     want.sort();
     assert_eq!(listed, want);
     // rmdir: refuses non-empty, removes empty.
@@ -227,7 +235,9 @@ fn names_links_renames_and_directories() {
     m.unmount().unwrap();
     let mut names = Vec::new();
     backing_dump(&s.cipher, &mut names, &mut Vec::new());
-    assert!(names.iter().all(|n| !n.contains("hard") && !n.contains("LLLL")));
+    assert!(names
+        .iter()
+        .all(|n| !n.contains("hard") && !n.contains("LLLL")));
 }
 
 #[test]

@@ -1,1 +1,113 @@
-fn main() {}
+//! The `kmsfs` binary; also `mount.kmsfs` when invoked under that name.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kmsfs::commands::{self, CreateArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs};
+// Re-exported at the crate root so that `crate::fsheader` and
+// `crate::kmsconfig` work from `mount.rs`.
+#[allow(unused_imports)]
+use kmsfs::{fsheader, kmsconfig};
+
+// Owned by the mount/FUSE work.
+mod daemon;
+mod mount;
+mod mount_options;
+
+/// kmsfs: an encrypted directory whose key is wrapped by a KMS
+/// (HashiCorp Vault / OpenBao Transit).
+#[derive(Debug, Parser)]
+#[command(name = "kmsfs", version, propagate_version = true)]
+struct Cli {
+    /// KMS configuration file; the registry of filesystems sits beside it.
+    #[arg(
+        long,
+        global = true,
+        env = "KMSFS_CONFIG",
+        value_name = "PATH",
+        default_value = kmsconfig::DEFAULT_CONFIG_PATH
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mount a filesystem.
+    Mount(mount::MountArgs),
+    /// Unmount a filesystem.
+    Umount(mount::UmountArgs),
+    /// Configure and check the KMS.
+    Kms(KmsArgs),
+    /// Create a new encrypted filesystem in a backing directory.
+    Create(CreateArgs),
+    /// Show a filesystem's header (no KMS needed).
+    Info(InfoArgs),
+    /// List the filesystems created on this host.
+    List(ListArgs),
+    /// Re-wrap filesystem keys with the newest KMS key version, or another key.
+    Rewrap(RewrapArgs),
+    /// Unlock a filesystem with the KMS and verify its header; prints "ok".
+    #[command(hide = true)]
+    UnlockCheck(UnlockCheckArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KMSFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(config: &Path, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Mount(a) => mount::run_mount(config, a),
+        Command::Umount(a) => mount::run_umount(a),
+        Command::Kms(a) => commands::run_kms(config, a),
+        Command::Create(a) => commands::run_create(config, a),
+        Command::Info(a) => commands::run_info(a),
+        Command::List(a) => commands::run_list(config, a),
+        Command::Rewrap(a) => commands::run_rewrap(config, a),
+        Command::UnlockCheck(a) => commands::run_unlock_check(config, a),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmsfs: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    let argv0: Option<OsString> = args.next();
+    let invoked_as = argv0
+        .as_deref()
+        .map(Path::new)
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned());
+    if invoked_as.as_deref() == Some("mount.kmsfs") {
+        init_logging();
+        return report(mount::run_mount_helper(args.collect()));
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // Usage errors: same prefix and exit code as every other error.
+            eprint!("kmsfs: {}", e.render());
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging();
+    report(run(&cli.config, cli.command))
+}

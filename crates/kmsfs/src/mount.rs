@@ -1,9 +1,29 @@
-//! `kmsfs mount`, `kmsfs umount` and the `mount.kmsfs` helper (owned by the FUSE work).
+//! `kmsfs mount`, `kmsfs umount` and the `mount.kmsfs` helper for mount(8).
 
+use crate::daemon::{self, ReadyPipe, SyslogWriter};
+use crate::fsheader;
+use crate::mount_options::{parse_options, ParsedOptions};
+use anyhow::{anyhow, bail, Context};
+use kmsfs_core::keys::FsKeys;
+use kmsfs_fuse::MountSettings;
+use kmsfs_keystore::VaultClient;
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Seconds to keep retrying an unreachable or sealed KMS when neither
+/// `--kms-timeout` nor `kms_timeout=` says otherwise.
+pub const DEFAULT_KMS_TIMEOUT: u64 = 30;
+/// FUSE worker threads.
+const FUSE_THREADS: usize = 4;
+/// Where mount(8) helpers find the KMS configuration without `--config`.
+const DEFAULT_CONFIG: &str = "/etc/kmsfs/kms.toml";
 
 /// Arguments of `kmsfs mount`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct MountArgs {
     /// The backing (encrypted) directory.
     pub cipherdir: PathBuf,
@@ -15,9 +35,12 @@ pub struct MountArgs {
     /// Stay in the foreground, logging to stderr.
     #[arg(short = 'f', long)]
     pub foreground: bool,
-    /// Seconds to keep retrying an unreachable or sealed KMS.
+    /// Seconds to keep retrying an unreachable or sealed KMS (default 30).
     #[arg(long, value_name = "SECONDS")]
     pub kms_timeout: Option<u64>,
+    /// Internal: the descriptor on which a daemonized mount reports back.
+    #[arg(long, hide = true)]
+    pub ready_fd: Option<i32>,
 }
 
 /// Arguments of `kmsfs umount`.
@@ -28,19 +51,290 @@ pub struct UmountArgs {
 }
 
 /// Runs `kmsfs mount` with the KMS configuration at `config_path`.
+///
+/// Without `--foreground` the command re-executes itself as a daemon and
+/// returns only when the mount is usable (exit 0) or has failed (an error).
 pub fn run_mount(config_path: &Path, args: MountArgs) -> anyhow::Result<()> {
-    let _ = (config_path, args);
-    anyhow::bail!("mount is not implemented yet")
+    let opts = parse_options(&args.options)?;
+    if !args.foreground {
+        let mut child: Vec<OsString> = vec![
+            "--config".into(),
+            config_path.into(),
+            "mount".into(),
+            args.cipherdir.clone().into(),
+            args.mountpoint.clone().into(),
+        ];
+        for o in &args.options {
+            child.push("-o".into());
+            child.push(o.into());
+        }
+        if let Some(t) = args.kms_timeout {
+            child.push("--kms-timeout".into());
+            child.push(t.to_string().into());
+        }
+        return daemon::spawn_and_wait(child);
+    }
+    let mut ready = args.ready_fd.map(ReadyPipe::from_fd).transpose()?;
+    init_logging(ready.is_some());
+    let result = serve(config_path, &args, &opts, ready.as_mut());
+    if let Err(e) = &result {
+        warn!("mount of {} failed: {e:#}", args.cipherdir.display());
+        if let Some(r) = ready.as_mut() {
+            r.fail(&format!("{e:#}"));
+        }
+    }
+    result
+}
+
+fn init_logging(daemon: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KMSFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if daemon {
+        SyslogWriter::init();
+        builder
+            .with_writer(|| SyslogWriter)
+            .with_ansi(false)
+            .without_time()
+            .try_init()
+    } else {
+        builder.with_writer(std::io::stderr).try_init()
+    };
+}
+
+/// Mounts in this process and serves until unmounted or signalled.
+fn serve(
+    config_path: &Path,
+    args: &MountArgs,
+    opts: &ParsedOptions,
+    ready: Option<&mut ReadyPipe>,
+) -> anyhow::Result<()> {
+    harden_process();
+    // Before any thread exists, so every thread inherits the mask and only
+    // the signal thread below sees these signals.
+    let signals = block_signals();
+    let cipherdir = args
+        .cipherdir
+        .canonicalize()
+        .with_context(|| format!("backing directory {}", args.cipherdir.display()))?;
+    let mountpoint = args
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
+    check_mountpoint(&mountpoint)?;
+    let cfg_path = opts.kms_config.as_deref().unwrap_or(config_path);
+    let cfg = crate::kmsconfig::load_kms_config(cfg_path)?;
+    let header = fsheader::read_header(&cipherdir)?;
+    let timeout = args
+        .kms_timeout
+        .or(opts.kms_timeout)
+        .unwrap_or(DEFAULT_KMS_TIMEOUT);
+    let keys = unlock_with_retry(&cfg, &cipherdir, header, Duration::from_secs(timeout))?;
+    let settings = MountSettings {
+        read_only: opts.read_only,
+        allow_other: opts.allow_other,
+        extra: opts.kernel.clone(),
+        threads: FUSE_THREADS,
+    };
+    let session =
+        kmsfs_fuse::spawn_mount(&cipherdir, &mountpoint, keys, &settings).with_context(|| {
+            format!(
+                "mounting {} on {}",
+                cipherdir.display(),
+                mountpoint.display()
+            )
+        })?;
+    // The first access waits for the kernel's INIT: once it answers, the
+    // filesystem is usable.
+    std::fs::metadata(&mountpoint)
+        .with_context(|| format!("the new mount at {} does not answer", mountpoint.display()))?;
+    info!(
+        "mounted {} on {}",
+        cipherdir.display(),
+        mountpoint.display()
+    );
+    if let Some(r) = ready {
+        r.ok();
+    }
+    let mp = mountpoint.clone();
+    std::thread::spawn(move || {
+        let sig = wait_signal(&signals);
+        info!("signal {sig}: unmounting {}", mp.display());
+        if let Err(e) = umount(&mp, true) {
+            warn!("unmount after signal failed: {e:#}");
+        }
+    });
+    session.join().context("FUSE session")?;
+    info!("unmounted {}; keys zeroized", mountpoint.display());
+    Ok(())
+}
+
+/// Asks the KMS to unwrap the key, retrying unreachable or sealed servers
+/// until `timeout` has passed, as a boot-time mount must.
+fn unlock_with_retry(
+    cfg: &kmsfs_keystore::KmsConfig,
+    cipherdir: &Path,
+    header: kmsfs_core::header::UnverifiedHeader,
+    timeout: Duration,
+) -> anyhow::Result<FsKeys> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let client = VaultClient::new(cfg).context("KMS client configuration")?;
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match rt.block_on(fsheader::unlock(&client, cipherdir, header.clone())) {
+            Ok((_, keys, _)) => return Ok(keys),
+            Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
+                warn!("KMS not available yet, retrying in {delay:?}: {e}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                let hint = if e.is_retryable() {
+                    format!(" (gave up after the KMS timeout of {}s)", timeout.as_secs())
+                } else {
+                    String::new()
+                };
+                return Err(anyhow!(e)).with_context(|| {
+                    format!(
+                        "cannot unlock {} through the KMS{hint}",
+                        cipherdir.display()
+                    )
+                });
+            }
+        }
+    }
+}
+
+fn check_mountpoint(mp: &Path) -> anyhow::Result<()> {
+    let md = std::fs::metadata(mp).with_context(|| format!("mountpoint {}", mp.display()))?;
+    if !md.is_dir() {
+        bail!("mountpoint {} is not a directory", mp.display());
+    }
+    if let Some(parent) = mp.parent() {
+        let pmd = std::fs::metadata(parent)?;
+        if pmd.dev() != md.dev() {
+            bail!("{} is already a mount point", mp.display());
+        }
+    }
+    Ok(())
+}
+
+/// The daemon holds the key: keep it out of core dumps and ptrace by
+/// other users, and allow one descriptor per known inode.
+fn harden_process() {
+    // SAFETY: plain prctl/setrlimit calls with valid arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        let mut nofile = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) == 0 {
+            nofile.rlim_cur = nofile.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
+        }
+    }
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` is an initialised signal set blocked in every thread.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
+    let c = CString::new(mp.as_os_str().as_bytes()).context("mountpoint path")?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EBUSY) => anyhow!("{} is busy (files are open there)", mp.display()),
+            Some(libc::EINVAL) => anyhow!("{} is not mounted", mp.display()),
+            _ => anyhow!(e).context(format!("unmounting {}", mp.display())),
+        });
+    }
+    Ok(())
 }
 
 /// Runs `kmsfs umount`.
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("umount is not implemented yet")
+    let mp = args
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
+    umount(&mp, false)
 }
 
-/// Runs as `mount.kmsfs CIPHERDIR MOUNTPOINT [-o OPTIONS]` (argv[0] dispatch).
-pub fn run_mount_helper(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("mount.kmsfs is not implemented yet")
+/// Runs as `mount.kmsfs CIPHERDIR MOUNTPOINT [-sfnv] [-o OPTIONS]`, the
+/// way mount(8) calls filesystem helpers.
+pub fn run_mount_helper(args: Vec<OsString>) -> anyhow::Result<()> {
+    let mut positional = Vec::new();
+    let mut options = Vec::new();
+    let mut fake = false;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy().into_owned();
+        match s.as_str() {
+            "-o" => options.push(
+                it.next()
+                    .ok_or_else(|| anyhow!("-o needs a value"))?
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            "-t" | "-N" => {
+                it.next();
+            }
+            "-f" => fake = true,
+            "-s" | "-n" | "-v" => {}
+            _ if s.starts_with("-o") => options.push(s[2..].to_string()),
+            _ if s.starts_with('-') => bail!("mount.kmsfs: unknown flag {s}"),
+            _ => positional.push(PathBuf::from(a)),
+        }
+    }
+    let [cipherdir, mountpoint]: [PathBuf; 2] = positional
+        .try_into()
+        .map_err(|_| anyhow!("usage: mount.kmsfs CIPHERDIR MOUNTPOINT [-o OPTIONS]"))?;
+    // Validate options before anything else, even for a fake mount.
+    parse_options(&options)?;
+    if fake {
+        return Ok(());
+    }
+    let config = std::env::var_os("KMSFS_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    run_mount(
+        &config,
+        MountArgs {
+            cipherdir,
+            mountpoint,
+            options,
+            foreground: false,
+            kms_timeout: None,
+            ready_fd: None,
+        },
+    )
 }

@@ -1,0 +1,176 @@
+//! `kmsfs create`: a new encrypted filesystem in a backing directory.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use kmsfs_core::header::{Header, KeySlot, KmsType, HEADER_FILE_NAME};
+use kmsfs_core::keys::{FsKeys, MasterKey};
+use kmsfs_core::names::{DIR_IV_LEN, DIR_IV_NAME};
+use kmsfs_core::secret::SecretBytes;
+
+use crate::commands::{absolute, client, runtime, uuid_string};
+use crate::fsheader::{header_path, slot_context, write_header};
+use crate::kmsconfig::{load_kms_config, registry_path};
+use crate::registry::{Entry, Registry};
+use crate::timefmt::now_secs;
+
+/// Permission bits of a directory IV file (`kmsfs.diriv`).
+pub const DIR_IV_MODE: u32 = 0o440;
+
+/// Arguments of `kmsfs create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The backing directory: must be empty or not exist (its parent must).
+    pub cipherdir: PathBuf,
+    /// Transit key to wrap the master key with (default: `key_name` from the
+    /// KMS configuration). kmsfs never creates KMS keys.
+    #[arg(long, value_name = "NAME")]
+    pub kms_key: Option<String>,
+}
+
+/// Checks that `dir` can receive a new filesystem; returns whether it exists.
+fn check_target(dir: &Path) -> anyhow::Result<bool> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            if dir.join(HEADER_FILE_NAME).exists() {
+                anyhow::bail!(
+                    "{} already holds a kmsfs filesystem ({} exists); refusing to overwrite it",
+                    dir.display(),
+                    header_path(dir).display()
+                );
+            }
+            let mut it = std::fs::read_dir(dir)
+                .with_context(|| format!("cannot read directory {}", dir.display()))?;
+            if it.next().is_some() {
+                anyhow::bail!(
+                    "{} is not empty; kmsfs create needs an empty or new directory",
+                    dir.display()
+                );
+            }
+            Ok(true)
+        }
+        Ok(_) => anyhow::bail!("{} exists and is not a directory", dir.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !parent.is_dir() {
+                anyhow::bail!(
+                    "cannot create {}: parent directory {} does not exist",
+                    dir.display(),
+                    parent.display()
+                );
+            }
+            Ok(false)
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot access {}: {e}", dir.display())),
+    }
+}
+
+/// Removes what a failed create wrote (best effort).
+fn roll_back(dir: &Path, created_dir: bool) {
+    for name in [HEADER_FILE_NAME, DIR_IV_NAME] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    if created_dir {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Creates the filesystem; prints its UUID.
+pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
+    let dir = args.cipherdir.clone();
+    let existed = check_target(&dir)?;
+    let cfg = load_kms_config(config_path)?;
+    let key_name = args.kms_key.clone().unwrap_or_else(|| cfg.key_name.clone());
+    let client = client(&cfg)?;
+    let rt = runtime()?;
+
+    // Everything that talks to the KMS happens before anything is written.
+    let uuid = *uuid::Uuid::new_v4().as_bytes();
+    let master = MasterKey::generate().context("cannot generate the master key")?;
+    let (wrapped, derived) = rt
+        .block_on(async {
+            let info = client.read_key(&key_name).await?;
+            let ctx = slot_context(info.derived, &uuid);
+            let secret = SecretBytes::from_slice(master.expose());
+            let wrapped = client.wrap(&key_name, &secret, ctx).await?;
+            // Prove the wrapped key comes back before relying on it.
+            let back = client.unwrap(&key_name, &wrapped.ciphertext, ctx).await?;
+            if back != secret {
+                return Err(kmsfs_keystore::KmsError::Protocol {
+                    path: format!("transit/decrypt/{key_name}"),
+                    detail: "the unwrapped key differs from the wrapped one".into(),
+                });
+            }
+            Ok((wrapped, info.derived))
+        })
+        .with_context(|| {
+            format!(
+                "cannot create {}: wrapping the master key with KMS key '{key_name}' at {} failed",
+                dir.display(),
+                cfg.addresses.join(", ")
+            )
+        })?;
+    let keys = FsKeys::derive(&master, &uuid);
+    let header = Header {
+        features: 0,
+        uuid,
+        created: now_secs(),
+        slots: vec![KeySlot {
+            kms_type: KmsType::VaultTransit,
+            uses_context: derived,
+            key_name: key_name.clone(),
+            key_version: wrapped.key_version,
+            wrapped_key: wrapped.ciphertext,
+        }],
+    };
+    let bytes = header
+        .encode(&keys)
+        .with_context(|| format!("cannot encode the header for {}", dir.display()))?;
+    let diriv = SecretBytes::random(DIR_IV_LEN)
+        .map_err(|e| anyhow::anyhow!("cannot generate the directory IV: {e}"))?;
+
+    if !existed {
+        std::fs::create_dir(&dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    let written = (|| {
+        let iv_path = dir.join(DIR_IV_NAME);
+        kmsfs_keystore::write_atomic(&iv_path, diriv.expose(), DIR_IV_MODE)
+            .with_context(|| format!("cannot write {}", iv_path.display()))?;
+        write_header(&dir, &bytes)
+    })();
+    if let Err(e) = written {
+        roll_back(&dir, !existed);
+        return Err(e);
+    }
+
+    let abs = absolute(&dir)?;
+    let id = uuid_string(&uuid);
+    let reg_path = registry_path(config_path);
+    let registered = Registry::load(&reg_path).and_then(|mut reg| {
+        reg.add(Entry {
+            path: abs.clone(),
+            uuid: id.clone(),
+        });
+        reg.save(&reg_path)
+    });
+    if let Err(e) = registered {
+        eprintln!(
+            "kmsfs: warning: filesystem created but not registered in {}: {e:#} \
+             (`kmsfs list`, `rewrap --all` and `kms check` will not know it)",
+            reg_path.display()
+        );
+    }
+    eprintln!(
+        "created kmsfs filesystem in {} (KMS key '{key_name}' version {}{})",
+        abs.display(),
+        header.slots[0].key_version,
+        if derived { ", derived" } else { "" }
+    );
+    println!("{id}");
+    Ok(())
+}

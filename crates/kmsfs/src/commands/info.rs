@@ -1,0 +1,104 @@
+//! `kmsfs info` (no KMS needed) and the hidden `kmsfs unlock-check`.
+
+use std::path::{Path, PathBuf};
+
+use kmsfs_core::header::FORMAT_VERSION;
+use serde_json::json;
+
+use crate::commands::{absolute, client, print_json, runtime, uuid_string};
+use crate::fsheader::{read_header, unlock};
+use crate::kmsconfig::load_kms_config;
+use crate::timefmt::rfc3339_utc;
+
+/// Arguments of `kmsfs info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// The backing (encrypted) directory.
+    pub cipherdir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of the hidden `kmsfs unlock-check`.
+#[derive(Debug, clap::Args)]
+pub struct UnlockCheckArgs {
+    /// The backing (encrypted) directory.
+    pub cipherdir: PathBuf,
+}
+
+/// Prints what the header says, without the KMS (nothing is authenticated
+/// yet: the MAC needs the KMS).
+pub fn run_info(args: InfoArgs) -> anyhow::Result<()> {
+    let hdr = read_header(&args.cipherdir)?;
+    let h = hdr.unverified();
+    let path = absolute(&args.cipherdir)?;
+    let slot0 = h
+        .slots
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("{}: header has no key slot", path.display()))?;
+    let slots: Vec<_> = h
+        .slots
+        .iter()
+        .map(|s| {
+            json!({
+                "kms_type": s.kms_type.as_str(),
+                "key_name": s.key_name,
+                "kms_key_version": s.key_version,
+                "derived_context": s.uses_context,
+            })
+        })
+        .collect();
+    let v = json!({
+        "path": path,
+        "uuid": uuid_string(&h.uuid),
+        "format_version": FORMAT_VERSION,
+        "cipher": "aes-256-xts",
+        "data_unit_size": 4096,
+        "names_cipher": "aes-256-siv",
+        "kms_type": slot0.kms_type.as_str(),
+        "key_name": slot0.key_name,
+        "kms_key_version": slot0.key_version,
+        "derived_context": slot0.uses_context,
+        "created": rfc3339_utc(h.created),
+        "slot_count": h.slots.len(),
+        "slots": slots,
+    });
+    if args.json {
+        return print_json(&v);
+    }
+    println!("path:             {}", path.display());
+    println!("uuid:             {}", uuid_string(&h.uuid));
+    println!("format version:   {FORMAT_VERSION}");
+    println!("cipher:           aes-256-xts (4096-byte units, per-file keys)");
+    println!("names cipher:     aes-256-siv");
+    println!("created:          {}", rfc3339_utc(h.created));
+    println!("key slots:        {}", h.slots.len());
+    for (i, s) in h.slots.iter().enumerate() {
+        println!(
+            "slot {i}:           {} key '{}' version {}{}",
+            s.kms_type.as_str(),
+            s.key_name,
+            s.key_version,
+            if s.uses_context {
+                " (derived, context = filesystem UUID)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!("kms_key_version:  {}", slot0.key_version);
+    Ok(())
+}
+
+/// Unlocks the filesystem with the KMS and verifies the header MAC; prints
+/// `ok`. For scripts and tests; the master key is never printed.
+pub fn run_unlock_check(config_path: &Path, args: UnlockCheckArgs) -> anyhow::Result<()> {
+    let hdr = read_header(&args.cipherdir)?;
+    let cfg = load_kms_config(config_path)?;
+    let client = client(&cfg)?;
+    let rt = runtime()?;
+    rt.block_on(unlock(&client, &args.cipherdir, hdr))?;
+    println!("ok");
+    Ok(())
+}

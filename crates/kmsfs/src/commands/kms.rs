@@ -1,0 +1,655 @@
+//! `kmsfs kms set|show|unset|check`: the KMS configuration.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use kmsfs_core::secret::SecretBytes;
+use kmsfs_keystore::{read_secret_file, AuthConfig, KmsConfig, KmsError, VaultClient};
+use serde_json::json;
+
+use crate::commands::{absolute, client, print_json, runtime};
+use crate::fsheader::read_header;
+use crate::kmsconfig::{load_kms_config_with_source, registry_path, ConfigSource};
+use crate::registry::Registry;
+
+/// Arguments of `kmsfs kms`.
+#[derive(Debug, clap::Args)]
+pub struct KmsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: KmsCommand,
+}
+
+/// `kmsfs kms` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum KmsCommand {
+    /// Configure the KMS (verified before it is saved).
+    Set(Box<SetArgs>),
+    /// Show the KMS configuration (never secrets).
+    Show(ShowArgs),
+    /// Remove the KMS configuration.
+    Unset(UnsetArgs),
+    /// Check the KMS: reachability, authentication, key, probe, best practices.
+    Check(CheckArgs),
+}
+
+/// Arguments of `kmsfs kms set`.
+#[derive(Debug, clap::Args)]
+pub struct SetArgs {
+    /// KMS type: only `vault` (HashiCorp Vault / OpenBao Transit).
+    #[arg(value_name = "TYPE")]
+    pub kms_type: String,
+    /// Server address, or several comma-separated (`https://vault-1:8200,https://vault-2:8200`).
+    #[arg(value_name = "ADDRESS[,ADDRESS...]")]
+    pub addresses: String,
+    /// Transit key name that wraps filesystem master keys.
+    #[arg(value_name = "KEY-NAME")]
+    pub key_name: String,
+    /// File holding the token (mode 0600). Without it (and without AppRole)
+    /// the token is taken from VAULT_TOKEN / BAO_TOKEN at run time.
+    #[arg(long, value_name = "FILE", conflicts_with = "role_id")]
+    pub token_file: Option<PathBuf>,
+    /// AppRole role id (not secret); requires --secret-id-file.
+    #[arg(long, value_name = "ID", requires = "secret_id_file")]
+    pub role_id: Option<String>,
+    /// File holding the AppRole secret id (mode 0600).
+    #[arg(long, value_name = "FILE", requires = "role_id")]
+    pub secret_id_file: Option<PathBuf>,
+    /// Vault Enterprise / OpenBao namespace.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Mount path of the Transit engine.
+    #[arg(long, value_name = "PATH", default_value = "transit")]
+    pub transit_path: String,
+    /// Mount path of the AppRole auth method.
+    #[arg(long, value_name = "PATH", default_value = "approle")]
+    pub auth_path: String,
+    /// PEM file of the CA that signed the server certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --client-key).
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM client private key for mutual TLS (mode 0600).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Timeout of each KMS request, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub timeout: u64,
+    /// Save without contacting the KMS.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+/// Arguments of `kmsfs kms show`.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `kmsfs kms unset`.
+#[derive(Debug, clap::Args)]
+pub struct UnsetArgs {
+    /// Remove the configuration even though filesystems are registered.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Arguments of `kmsfs kms check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a `kmsfs kms` subcommand.
+pub fn run_kms(config_path: &Path, args: KmsArgs) -> anyhow::Result<()> {
+    match args.command {
+        KmsCommand::Set(a) => run_set(config_path, *a),
+        KmsCommand::Show(a) => run_show(config_path, a),
+        KmsCommand::Unset(a) => run_unset(config_path, a),
+        KmsCommand::Check(a) => run_check(config_path, a),
+    }
+}
+
+fn abs_opt(p: &Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
+    p.as_deref().map(absolute).transpose()
+}
+
+/// Builds the configuration `kms set` would save.
+fn config_from_args(a: &SetArgs) -> anyhow::Result<KmsConfig> {
+    if a.kms_type != "vault" {
+        anyhow::bail!(
+            "unsupported KMS type '{}': only 'vault' (HashiCorp Vault / OpenBao Transit) is supported",
+            a.kms_type
+        );
+    }
+    let addresses: Vec<String> = a
+        .addresses
+        .split(',')
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let auth = match (&a.role_id, &a.secret_id_file) {
+        (Some(role_id), Some(f)) => AuthConfig::AppRole {
+            role_id: role_id.clone(),
+            secret_id_file: absolute(f)?,
+            path: a.auth_path.clone(),
+        },
+        _ => AuthConfig::Token {
+            token_file: abs_opt(&a.token_file)?,
+        },
+    };
+    let mut cfg = KmsConfig::new(addresses, a.key_name.clone(), auth);
+    cfg.transit_path = a.transit_path.trim_matches('/').to_string();
+    cfg.namespace = a.namespace.clone().filter(|n| !n.is_empty());
+    cfg.ca_cert = abs_opt(&a.ca_cert)?;
+    cfg.client_cert = abs_opt(&a.client_cert)?;
+    cfg.client_key = abs_opt(&a.client_key)?;
+    cfg.timeout_secs = a.timeout;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid KMS settings: {e}"))?;
+    Ok(cfg)
+}
+
+/// Wraps and unwraps random bytes with `key` (and rewraps them); the
+/// derivation context is random when the key is derived.
+async fn probe(client: &VaultClient, key: &str, derived: bool) -> Result<(), KmsError> {
+    let plain = SecretBytes::random(32).map_err(|e| KmsError::Protocol {
+        path: "probe".into(),
+        detail: format!("random number generator failed: {e}"),
+    })?;
+    let ctx_bytes = [0x6bu8; 16];
+    let ctx = derived.then_some(&ctx_bytes[..]);
+    let wrapped = client.wrap(key, &plain, ctx).await?;
+    let back = client.unwrap(key, &wrapped.ciphertext, ctx).await?;
+    let mismatch = |op: &str| KmsError::Protocol {
+        path: format!("transit/{op}/{key}"),
+        detail: "probe: the unwrapped bytes differ from the wrapped ones".into(),
+    };
+    if back != plain {
+        return Err(mismatch("decrypt"));
+    }
+    let rewrapped = client.rewrap(key, &wrapped.ciphertext, ctx, None).await?;
+    let back = client.unwrap(key, &rewrapped.ciphertext, ctx).await?;
+    if back != plain {
+        return Err(mismatch("rewrap"));
+    }
+    Ok(())
+}
+
+fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
+    let cfg = config_from_args(&a)?;
+    if let AuthConfig::AppRole { secret_id_file, .. } = &cfg.auth {
+        read_secret_file(secret_id_file, true)?;
+    }
+    // Reads the token file (refusing a world-readable one) and CA files.
+    let client = client(&cfg)?;
+    if !a.no_verify {
+        let rt = runtime()?;
+        let key = cfg.key_name.clone();
+        let info = rt
+            .block_on(async {
+                client.login().await?;
+                let info = client.read_key(&key).await?;
+                probe(&client, &key, info.derived).await?;
+                Ok::<_, KmsError>(info)
+            })
+            .with_context(|| {
+                format!(
+                    "KMS check failed for key '{key}' at {}; configuration NOT saved \
+                     (fix the problem, or pass --no-verify to save anyway)",
+                    cfg.addresses.join(", ")
+                )
+            })?;
+        eprintln!(
+            "verified: key '{}' (latest version {}{}) wraps and unwraps at {}",
+            info.name,
+            info.latest_version,
+            if info.derived { ", derived" } else { "" },
+            cfg.addresses.join(", ")
+        );
+    }
+    if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    cfg.save(config_path)?;
+    if matches!(cfg.auth, AuthConfig::Token { token_file: None }) {
+        eprintln!(
+            "note: no --token-file: the token will be read from VAULT_TOKEN / BAO_TOKEN at run time"
+        );
+    }
+    println!("KMS configuration saved to {}", config_path.display());
+    Ok(())
+}
+
+fn auth_description(auth: &AuthConfig) -> String {
+    match auth {
+        AuthConfig::Token {
+            token_file: Some(p),
+        } => format!("token from file {}", p.display()),
+        AuthConfig::Token { token_file: None } => {
+            "token from VAULT_TOKEN / BAO_TOKEN at run time".into()
+        }
+        AuthConfig::AppRole {
+            role_id,
+            secret_id_file,
+            path,
+        } => format!(
+            "AppRole at auth/{path}, role id {role_id}, secret id from file {}",
+            secret_id_file.display()
+        ),
+    }
+}
+
+fn run_show(config_path: &Path, a: ShowArgs) -> anyhow::Result<()> {
+    let (cfg, source) = load_kms_config_with_source(config_path)?;
+    if a.json {
+        // KmsConfig holds only paths, never a token or secret id.
+        let (kind, path) = match &source {
+            ConfigSource::File(p) => ("file", Some(p.clone())),
+            ConfigSource::Environment => ("environment", None),
+        };
+        return print_json(&json!({
+            "source": kind,
+            "config_path": path,
+            "config": cfg,
+        }));
+    }
+    println!("source:        {source}");
+    println!("type:          vault (Transit)");
+    println!("addresses:     {}", cfg.addresses.join(", "));
+    println!("key:           {}", cfg.key_name);
+    println!("transit path:  {}", cfg.transit_path);
+    if let Some(ns) = &cfg.namespace {
+        println!("namespace:     {ns}");
+    }
+    println!("auth:          {}", auth_description(&cfg.auth));
+    if let Some(p) = &cfg.ca_cert {
+        println!("ca cert:       {}", p.display());
+    }
+    if let (Some(c), Some(k)) = (&cfg.client_cert, &cfg.client_key) {
+        println!("client cert:   {} (key {})", c.display(), k.display());
+    }
+    println!(
+        "timeout:       {} s, {} attempt(s)",
+        cfg.timeout_secs, cfg.attempts
+    );
+    Ok(())
+}
+
+fn run_unset(config_path: &Path, a: UnsetArgs) -> anyhow::Result<()> {
+    if !config_path.exists() {
+        anyhow::bail!("no KMS configuration file at {}", config_path.display());
+    }
+    let reg_path = registry_path(config_path);
+    let reg = Registry::load(&reg_path)?;
+    if !reg.is_empty() && !a.force {
+        let list: Vec<String> = reg
+            .filesystems
+            .iter()
+            .map(|e| e.path.display().to_string())
+            .collect();
+        anyhow::bail!(
+            "refusing to remove {}: {} registered filesystem(s) need it to be mounted ({}); \
+             pass --force to remove it anyway",
+            config_path.display(),
+            list.len(),
+            list.join(", ")
+        );
+    }
+    std::fs::remove_file(config_path)
+        .with_context(|| format!("cannot remove {}", config_path.display()))?;
+    println!("removed {}", config_path.display());
+    Ok(())
+}
+
+/// The result of one `kms check` item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// Works, but against best practice or about to break.
+    Warn,
+    /// Broken.
+    Fail,
+}
+
+/// One line of `kms check`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    /// Short name of the check.
+    pub check: String,
+    /// Outcome.
+    pub status: Status,
+    /// Explanation.
+    pub message: String,
+}
+
+#[derive(Default)]
+struct Checks(Vec<Check>);
+
+impl Checks {
+    fn add(&mut self, status: Status, check: &str, message: impl Into<String>) {
+        self.0.push(Check {
+            check: check.into(),
+            status,
+            message: message.into(),
+        });
+    }
+}
+
+/// Runs every check and returns them (no printing).
+pub fn collect_checks(config_path: &Path) -> Vec<Check> {
+    let mut c = Checks::default();
+    let (cfg, source) = match load_kms_config_with_source(config_path) {
+        Ok(x) => x,
+        Err(e) => {
+            c.add(Status::Fail, "config", format!("{e:#}"));
+            return c.0;
+        }
+    };
+    c.add(Status::Ok, "config", format!("from {source}"));
+    for a in &cfg.addresses {
+        if a.starts_with("http://") {
+            c.add(
+                Status::Warn,
+                "tls",
+                format!("{a} uses plain http: tokens and wrapped keys cross the network unencrypted; use https"),
+            );
+        }
+    }
+    if cfg.addresses.len() == 1 {
+        c.add(
+            Status::Warn,
+            "ha",
+            format!(
+                "single KMS address {}: no failover if it is down; list every node of an HA cluster",
+                cfg.addresses[0]
+            ),
+        );
+    } else {
+        c.add(
+            Status::Ok,
+            "ha",
+            format!("{} addresses configured", cfg.addresses.len()),
+        );
+    }
+    let client = match client(&cfg) {
+        Ok(cl) => cl,
+        Err(e) => {
+            c.add(Status::Fail, "credentials", format!("{e:#}"));
+            return c.0;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            c.add(Status::Fail, "runtime", format!("{e:#}"));
+            return c.0;
+        }
+    };
+    rt.block_on(async_checks(&cfg, &client, config_path, &mut c));
+    c.0
+}
+
+async fn async_checks(cfg: &KmsConfig, client: &VaultClient, config_path: &Path, c: &mut Checks) {
+    let addrs = cfg.addresses.join(", ");
+    match client.seal_status().await {
+        Ok(s) if s.sealed => {
+            c.add(
+                Status::Fail,
+                "seal",
+                format!("KMS at {addrs} is sealed; unseal it"),
+            );
+            return;
+        }
+        Ok(s) => {
+            c.add(
+                Status::Ok,
+                "reachable",
+                format!(
+                    "KMS at {addrs} answers (version {}, unsealed)",
+                    s.version.as_deref().unwrap_or("unknown")
+                ),
+            );
+            if s.is_in_memory() {
+                c.add(
+                    Status::Warn,
+                    "storage",
+                    "KMS uses in-memory storage (a dev server): its keys vanish when it stops, and every filesystem wrapped by it with them; no disaster recovery",
+                );
+            } else {
+                c.add(
+                    Status::Ok,
+                    "storage",
+                    format!(
+                        "storage type {}",
+                        s.storage_type.as_deref().unwrap_or("unknown")
+                    ),
+                );
+            }
+        }
+        Err(e) => {
+            c.add(Status::Fail, "reachable", e.to_string());
+            return;
+        }
+    }
+    if cfg.addresses.len() > 1 {
+        for h in client.health().await {
+            c.add(Status::Ok, "node", format!("{}: {}", h.address, h.state));
+        }
+    }
+    if let Err(e) = client.login().await {
+        c.add(Status::Fail, "auth", e.to_string());
+        return;
+    }
+    match client.token_info().await {
+        Ok(t) => {
+            let is_token = matches!(cfg.auth, AuthConfig::Token { .. });
+            if t.ttl == 0 {
+                c.add(Status::Ok, "token", "token does not expire");
+            } else if is_token && t.ttl < 24 * 3600 {
+                c.add(
+                    Status::Warn,
+                    "token",
+                    format!(
+                        "token expires in {} (at {}); mounts will fail after that: renew it or use AppRole",
+                        human_secs(t.ttl),
+                        t.expire_time.as_deref().unwrap_or("?")
+                    ),
+                );
+            } else {
+                c.add(
+                    Status::Ok,
+                    "token",
+                    format!("token valid for {}", human_secs(t.ttl)),
+                );
+            }
+            if is_token && t.ttl > 0 && !t.renewable {
+                c.add(
+                    Status::Warn,
+                    "token-renewable",
+                    "token is not renewable: replace it before it expires",
+                );
+            }
+        }
+        Err(KmsError::PermissionDenied { detail }) => c.add(
+            Status::Fail,
+            "auth",
+            format!("the KMS refused the token (invalid, expired or revoked?): {detail}"),
+        ),
+        Err(e) => c.add(
+            Status::Warn,
+            "token",
+            format!("cannot look up the token: {e}"),
+        ),
+    }
+    let info = match client.read_key(&cfg.key_name).await {
+        Ok(i) => i,
+        Err(e) => {
+            c.add(Status::Fail, "key", e.to_string());
+            return;
+        }
+    };
+    c.add(
+        Status::Ok,
+        "key",
+        format!(
+            "key '{}' ({}), latest version {}, min_decryption_version {}{}",
+            info.name,
+            info.key_type,
+            info.latest_version,
+            info.min_decryption_version,
+            if info.derived { ", derived" } else { "" }
+        ),
+    );
+    if info.exportable {
+        c.add(
+            Status::Warn,
+            "key-exportable",
+            format!(
+                "key '{}' is exportable: its material can leave the KMS",
+                info.name
+            ),
+        );
+    }
+    if info.deletion_allowed {
+        c.add(
+            Status::Warn,
+            "key-deletion",
+            format!(
+                "key '{}' has deletion_allowed: deleting it destroys every filesystem it wraps",
+                info.name
+            ),
+        );
+    }
+    match probe(client, &cfg.key_name, info.derived).await {
+        Ok(()) => c.add(
+            Status::Ok,
+            "probe",
+            "wrap, unwrap and rewrap of random bytes succeeded",
+        ),
+        Err(e) => c.add(Status::Fail, "probe", e.to_string()),
+    }
+    filesystem_checks(client, config_path, c).await;
+}
+
+async fn filesystem_checks(client: &VaultClient, config_path: &Path, c: &mut Checks) {
+    let reg_path = registry_path(config_path);
+    let reg = match Registry::load(&reg_path) {
+        Ok(r) => r,
+        Err(e) => {
+            c.add(Status::Warn, "registry", format!("{e:#}"));
+            return;
+        }
+    };
+    let mut key_cache: std::collections::BTreeMap<String, Option<kmsfs_keystore::KeyInfo>> =
+        Default::default();
+    for e in &reg.filesystems {
+        let hdr = match read_header(&e.path) {
+            Ok(h) => h,
+            Err(err) => {
+                c.add(Status::Warn, "filesystem", format!("{err:#}"));
+                continue;
+            }
+        };
+        for slot in &hdr.unverified().slots {
+            if !key_cache.contains_key(&slot.key_name) {
+                let k = client.read_key(&slot.key_name).await.ok();
+                key_cache.insert(slot.key_name.clone(), k);
+            }
+            let Some(Some(info)) = key_cache.get(&slot.key_name) else {
+                c.add(
+                    Status::Warn,
+                    "filesystem",
+                    format!(
+                        "{}: cannot read its KMS key '{}'",
+                        e.path.display(),
+                        slot.key_name
+                    ),
+                );
+                continue;
+            };
+            if slot.key_version < info.min_decryption_version {
+                c.add(
+                    Status::Warn,
+                    "filesystem",
+                    format!(
+                        "{}: wrapped with key '{}' version {} but min_decryption_version is {}: it CANNOT be unlocked; lower min_decryption_version to {} and run `kmsfs rewrap`",
+                        e.path.display(),
+                        slot.key_name,
+                        slot.key_version,
+                        info.min_decryption_version,
+                        slot.key_version
+                    ),
+                );
+            } else if slot.key_version < info.latest_version {
+                c.add(
+                    Status::Ok,
+                    "filesystem",
+                    format!(
+                        "{}: key '{}' version {} (latest {}; `kmsfs rewrap` moves it)",
+                        e.path.display(),
+                        slot.key_name,
+                        slot.key_version,
+                        info.latest_version
+                    ),
+                );
+            } else {
+                c.add(
+                    Status::Ok,
+                    "filesystem",
+                    format!(
+                        "{}: key '{}' version {}",
+                        e.path.display(),
+                        slot.key_name,
+                        slot.key_version
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn human_secs(s: u64) -> String {
+    if s >= 86_400 {
+        format!("{}d{}h", s / 86_400, (s % 86_400) / 3600)
+    } else if s >= 3600 {
+        format!("{}h{}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{}s", s / 60, s % 60)
+    }
+}
+
+fn run_check(config_path: &Path, a: CheckArgs) -> anyhow::Result<()> {
+    let checks = collect_checks(config_path);
+    let fails = checks.iter().filter(|c| c.status == Status::Fail).count();
+    let warns = checks.iter().filter(|c| c.status == Status::Warn).count();
+    if a.json {
+        print_json(&json!({
+            "ok": fails == 0,
+            "failures": fails,
+            "warnings": warns,
+            "checks": checks,
+        }))?;
+    } else {
+        for c in &checks {
+            let s = match c.status {
+                Status::Ok => "OK  ",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+            };
+            println!("{s} {:<16} {}", c.check, c.message);
+        }
+    }
+    if fails > 0 {
+        anyhow::bail!("KMS check failed: {fails} failure(s), {warns} warning(s)");
+    }
+    Ok(())
+}

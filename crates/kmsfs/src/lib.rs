@@ -1,0 +1,22 @@
+//! The `kmsfs` command-line tool, as a library.
+//!
+//! The binary (`src/main.rs`) parses arguments and dispatches; everything
+//! that is shared with the mount code or worth testing lives here:
+//!
+//! * [`fsheader`]: reading a backing directory's `kmsfs.header` without the
+//!   KMS ([`fsheader::read_header`]) and unlocking it with the KMS
+//!   ([`fsheader::unlock`]);
+//! * [`kmsconfig`]: finding the KMS configuration
+//!   ([`kmsconfig::load_kms_config`]), from the file or the environment;
+//! * [`registry`]: the list of filesystems this host created
+//!   (`registry.toml` beside the configuration);
+//! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
+//!   `rewrap`.
+
+#![warn(missing_docs)]
+
+pub mod commands;
+pub mod fsheader;
+pub mod kmsconfig;
+pub mod registry;
+pub mod timefmt;

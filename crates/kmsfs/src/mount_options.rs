@@ -1,0 +1,123 @@
+//! Parsing of `-o` mount options, from the command line or /etc/fstab.
+
+use anyhow::{bail, Context};
+use kmsfs_fuse::MountOption;
+use std::path::PathBuf;
+
+/// What a list of `-o` options asks for.
+#[derive(Debug, Default, Clone)]
+pub struct ParsedOptions {
+    /// `ro`.
+    pub read_only: bool,
+    /// `allow_other`.
+    pub allow_other: bool,
+    /// Kernel flags passed through (`nosuid`, `nodev`, `noexec`, ...).
+    pub kernel: Vec<MountOption>,
+    /// `kms_timeout=SECONDS`.
+    pub kms_timeout: Option<u64>,
+    /// `kms_config=PATH`: the KMS configuration for this mount (fstab).
+    pub kms_config: Option<PathBuf>,
+}
+
+/// Options mount(8), systemd and fstab conventions add that concern the
+/// mount command itself rather than the filesystem: accepted and ignored.
+fn is_mount8_option(opt: &str) -> bool {
+    matches!(
+        opt,
+        "_netdev"
+            | "nofail"
+            | "auto"
+            | "noauto"
+            | "user"
+            | "nouser"
+            | "users"
+            | "owner"
+            | "group"
+            | "defaults"
+            | "rw"
+            | "default_permissions"
+            | "loud"
+            | "silent"
+    ) || opt.starts_with("x-")
+        || opt.starts_with("comment=")
+}
+
+/// Parses comma-separated option lists. Unknown options are an error that names them.
+pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions> {
+    let mut p = ParsedOptions::default();
+    for list in lists {
+        for opt in list
+            .as_ref()
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+        {
+            if is_mount8_option(opt) {
+                continue;
+            }
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            match (key, value) {
+                ("ro", None) => p.read_only = true,
+                ("allow_other", None) => p.allow_other = true,
+                ("nosuid", None) => p.kernel.push(MountOption::NoSuid),
+                ("suid", None) => p.kernel.push(MountOption::Suid),
+                ("nodev", None) => p.kernel.push(MountOption::NoDev),
+                ("dev", None) => p.kernel.push(MountOption::Dev),
+                ("noexec", None) => p.kernel.push(MountOption::NoExec),
+                ("exec", None) => p.kernel.push(MountOption::Exec),
+                ("noatime", None) => p.kernel.push(MountOption::NoAtime),
+                ("atime", None) => p.kernel.push(MountOption::Atime),
+                ("sync", None) => p.kernel.push(MountOption::Sync),
+                ("async", None) => p.kernel.push(MountOption::Async),
+                ("dirsync", None) => p.kernel.push(MountOption::DirSync),
+                ("kms_timeout", Some(v)) => {
+                    p.kms_timeout = Some(
+                        v.parse()
+                            .with_context(|| format!("kms_timeout={v}: not a number of seconds"))?,
+                    )
+                }
+                ("kms_config", Some(v)) if !v.is_empty() => p.kms_config = Some(PathBuf::from(v)),
+                _ => bail!(
+                    "unknown mount option '{opt}' (known: ro, rw, allow_other, nosuid, nodev, \
+                     noexec, noatime, sync, kms_timeout=SECONDS, kms_config=PATH, and mount(8)'s \
+                     _netdev, nofail, auto, noauto, user, defaults, x-*)"
+                ),
+            }
+        }
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fstab_options_are_accepted() {
+        let p = parse_options(&[
+            "rw,_netdev,nofail,allow_other,kms_timeout=300,x-systemd.automount,noauto,defaults",
+        ])
+        .unwrap();
+        assert!(p.allow_other);
+        assert!(!p.read_only);
+        assert_eq!(p.kms_timeout, Some(300));
+    }
+
+    #[test]
+    fn several_lists_and_kernel_flags() {
+        let p = parse_options(&["ro", "nosuid,nodev", "kms_config=/etc/kmsfs/other.toml"]).unwrap();
+        assert!(p.read_only);
+        assert_eq!(p.kernel, vec![MountOption::NoSuid, MountOption::NoDev]);
+        assert_eq!(p.kms_config, Some(PathBuf::from("/etc/kmsfs/other.toml")));
+    }
+
+    #[test]
+    fn unknown_options_are_named() {
+        let err = parse_options(&["rw,frobnicate"]).unwrap_err().to_string();
+        assert!(err.contains("'frobnicate'"), "{err}");
+        assert!(parse_options(&["kms_timeout=soon"]).is_err());
+    }
+}

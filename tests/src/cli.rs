@@ -1,0 +1,174 @@
+//! Running the real `kmsfs` binary from end-to-end tests.
+//!
+//! [`kmsfs_bin`] builds the binary once per test process (`cargo build -p
+//! kmsfs`, so it is never stale) and returns its path; [`Kmsfs`] runs it with
+//! a private `--config` path and a clean environment (no `VAULT_*` / `BAO_*`
+//! variables leak in from the developer's shell).
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Environment variables removed from every run.
+const SCRUBBED: &[&str] = &[
+    "VAULT_ADDR",
+    "BAO_ADDR",
+    "VAULT_TOKEN",
+    "BAO_TOKEN",
+    "VAULT_NAMESPACE",
+    "BAO_NAMESPACE",
+    "VAULT_CACERT",
+    "BAO_CACERT",
+    "VAULT_CLIENT_CERT",
+    "BAO_CLIENT_CERT",
+    "VAULT_CLIENT_KEY",
+    "BAO_CLIENT_KEY",
+    "KMSFS_TOKEN_FILE",
+    "KMSFS_KMS_KEY",
+    "KMSFS_CONFIG",
+];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// The path of a freshly built `kmsfs` binary (built once per process).
+///
+/// Panics with cargo's output when the build fails.
+pub fn kmsfs_bin() -> PathBuf {
+    let r = BIN.get_or_init(|| {
+        let root = workspace_root();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "-p", "kmsfs", "--bin", "kmsfs", "--quiet"])
+            .current_dir(&root)
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo build -p kmsfs failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .map(|t| if t.is_absolute() { t } else { root.join(t) })
+            .unwrap_or_else(|| root.join("target"));
+        let bin = target.join("debug").join("kmsfs");
+        if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!("{} not found after cargo build", bin.display()))
+        }
+    });
+    match r {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The result of one run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (`-1` when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Panics (showing both streams) unless the run succeeded.
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "kmsfs failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Panics unless the run failed; returns it.
+    pub fn failed(self) -> Self {
+        assert_ne!(
+            self.code, 0,
+            "kmsfs unexpectedly succeeded\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Standard output parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// Runs `kmsfs` with one configuration file path.
+#[derive(Debug, Clone)]
+pub struct Kmsfs {
+    /// The `--config` path (its directory also holds `registry.toml`).
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Kmsfs {
+    /// A runner using `config` as `--config`.
+    pub fn new(config: impl Into<PathBuf>) -> Self {
+        Kmsfs {
+            config: config.into(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Adds an environment variable to every run.
+    pub fn with_env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Runs `kmsfs --config <config> ARGS...` (blocking).
+    pub fn run<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(kmsfs_bin());
+        cmd.arg("--config").arg(&self.config).args(args);
+        for v in SCRUBBED {
+            cmd.env_remove(v);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        Run::from(
+            cmd.output()
+                .unwrap_or_else(|e| panic!("cannot run kmsfs: {e}")),
+        )
+    }
+
+    /// Like [`Kmsfs::run`] from async code (runs on a blocking thread).
+    pub async fn run_async(&self, args: &[&str]) -> Run {
+        let me = self.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || me.run(&args))
+            .await
+            .unwrap_or_else(|e| panic!("kmsfs runner panicked: {e}"))
+    }
+}

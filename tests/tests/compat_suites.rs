@@ -1,0 +1,171 @@
+//! Test suites no one here wrote, run against a real kmsfs mount:
+//! pjdfstest (POSIX semantics), fsx (data integrity under random
+//! operations) and stress-ng's filesystem stressors. `scripts/setup`
+//! installs them; results are recorded in docs/compat.md.
+
+use kmsfs_core::keys::MasterKey;
+use kmsfs_e2e::fuse::{fresh_cipherdir, MountGuard};
+use kmsfs_fuse::MountSettings;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Mounted {
+    _tmp: tempfile::TempDir,
+    guard: Option<MountGuard>,
+    plain: PathBuf,
+}
+
+fn mount(allow_other: bool) -> Mounted {
+    let tmp = tempfile::tempdir().unwrap();
+    let cipher = tmp.path().join("cipher");
+    let plain = tmp.path().join("plain");
+    fs::create_dir(&cipher).unwrap();
+    fs::create_dir(&plain).unwrap();
+    fresh_cipherdir(&cipher).unwrap();
+    // The suites run as other users, who must reach the temp dir.
+    fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let settings = MountSettings {
+        allow_other,
+        threads: 4,
+        ..Default::default()
+    };
+    let guard = MountGuard::mount_with(&cipher, &plain, &MasterKey::generate().unwrap(), &settings)
+        .unwrap();
+    Mounted {
+        _tmp: tmp,
+        guard: Some(guard),
+        plain,
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(g) = self.guard.take() {
+            let _ = g.unmount();
+        }
+    }
+}
+
+fn tool(name: &str) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = Path::new(&home).join(".cargo/bin").join(name);
+    if p.exists() {
+        p
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+#[test]
+fn pjdfstest_passes() {
+    let m = mount(true);
+    let conf = m._tmp.path().join("pjdfstest.toml");
+    fs::write(
+        &conf,
+        "[features]\nposix_fallocate = {}\nrename_ctime = {}\nutimensat = {}\nutime_now = {}\n\n\
+         [dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"daemon\", \"daemon\"]]\n",
+    )
+    .unwrap();
+    let work = m.plain.join("pjd");
+    fs::create_dir(&work).unwrap();
+    fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = Command::new(tool("pjdfstest"))
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&work)
+        .output()
+        .expect("pjdfstest is installed by scripts/setup");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("Summary:"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no summary from pjdfstest:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    println!("pjdfstest {summary}");
+    let failed: usize = summary
+        .trim_start_matches("Summary: ")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    let failures: Vec<&str> = stdout.lines().filter(|l| l.contains("FAILED")).collect();
+    println!("{}", failures.join("\n"));
+    assert_eq!(failed, 0, "pjdfstest: {summary}\n{}", failures.join("\n"));
+}
+
+#[test]
+fn fsx_fifty_thousand_operations() {
+    let m = mount(false);
+    let artifacts = m._tmp.path().join("fsx-artifacts");
+    fs::create_dir(&artifacts).unwrap();
+    let out = Command::new(tool("fsx"))
+        .args(["-N", "50000", "-S", "20261128", "-P"])
+        .arg(&artifacts)
+        .arg(m.plain.join("fsx-file"))
+        .output()
+        .expect("fsx is installed by scripts/setup");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("fsx: {}", text.lines().last().unwrap_or(""));
+    assert!(out.status.success(), "fsx failed:\n{text}");
+    assert!(text.contains("A-OK"), "fsx did not report A-OK:\n{text}");
+}
+
+#[test]
+fn stress_ng_file_stressors_verify() {
+    let m = mount(false);
+    let work = m.plain.join("stress");
+    fs::create_dir(&work).unwrap();
+    let out = Command::new("stress-ng")
+        .args([
+            "--hdd",
+            "2",
+            "--hdd-bytes",
+            "8M",
+            "--dir",
+            "2",
+            "--rename",
+            "2",
+            "--link",
+            "2",
+            "--symlink",
+            "2",
+            "--fallocate",
+            "2",
+            "--fallocate-bytes",
+            "8M",
+            "--verify",
+            "--timeout",
+            "20s",
+            "--metrics-brief",
+            "--temp-path",
+        ])
+        .arg(&work)
+        .output()
+        .expect("stress-ng is installed by scripts/setup");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "stress-ng failed:\n{text}");
+    assert!(
+        !text.contains("verify failed") && !text.contains("fail:"),
+        "{text}"
+    );
+}
