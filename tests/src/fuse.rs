@@ -98,3 +98,115 @@ impl Rng {
         (0..len).map(|_| self.next_u64() as u8).collect()
     }
 }
+
+/// True when `path` is a mountpoint listed in /proc/mounts.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else {
+        // A dead FUSE mount (daemon killed) fails to stat: ask /proc by name.
+        return mounts_contain(path);
+    };
+    mounts_contain(&canon)
+}
+
+fn mounts_contain(path: &Path) -> bool {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+}
+
+/// Lazily unmounts `path` if it is mounted (also after the daemon died).
+pub fn force_unmount(path: &Path) {
+    if mounts_contain(path) || is_mounted(path) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(path)
+            .status();
+    }
+}
+
+/// Unmounts a mount made through the `kmsfs` binary when dropped, so a
+/// failing test leaves nothing mounted.
+pub struct CliMountGuard(pub PathBuf);
+
+impl Drop for CliMountGuard {
+    fn drop(&mut self) {
+        force_unmount(&self.0);
+    }
+}
+
+/// PIDs of `kmsfs` mount daemons serving `mountpoint`.
+pub fn daemon_pids(mountpoint: &Path) -> Vec<i32> {
+    let want = mountpoint.as_os_str().as_encoded_bytes().to_vec();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.iter().any(|a| *a == b"--ready-fd") && args.iter().any(|a| *a == want.as_slice()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A TCP relay from a local port to a target address, started on demand:
+/// stands in for a KMS that comes up late.
+pub struct TcpProxy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// `127.0.0.1:PORT` the proxy listens on.
+    pub listen: String,
+}
+
+impl TcpProxy {
+    /// Starts relaying `listen` → `target` (both `host:port`).
+    pub fn start(listen: &str, target: &str) -> Result<Self> {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind(listen)?;
+        listener.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let target = target.to_string();
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        for (mut a, mut b) in [
+                            (client.try_clone(), server.try_clone()),
+                            (server.try_clone(), client.try_clone()),
+                        ]
+                        .into_iter()
+                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                        {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut a, &mut b);
+                                let _ = b.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(TcpProxy {
+            stop,
+            listen: listen.to_string(),
+        })
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

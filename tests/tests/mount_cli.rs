@@ -1,0 +1,424 @@
+//! `kmsfs mount` / `umount` / `mount.kmsfs` end to end: a real OpenBao dev
+//! server, the real binary, real FUSE mounts. Every mount is undone by a
+//! guard even when an assertion fails.
+
+use kmsfs_e2e::bao::{reserve_port_pair, write_token_file, BaoServer};
+use kmsfs_e2e::cli::{kmsfs_bin, Kmsfs};
+use kmsfs_e2e::fuse::{daemon_pids, force_unmount, is_mounted, CliMountGuard, Rng, TcpProxy};
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+struct Env {
+    server: Option<BaoServer>,
+    dir: TempDir,
+    kmsfs: Kmsfs,
+    token_file: PathBuf,
+}
+
+impl Env {
+    async fn new() -> Env {
+        let server = BaoServer::start().await.expect("bao server");
+        server.create_key("kmsfs", false).await.expect("key");
+        server
+            .put_policy("kmsfs", &BaoServer::transit_policy("kmsfs"))
+            .await
+            .expect("policy");
+        let token = server.create_token(&["kmsfs"], "1h").await.expect("token");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = write_token_file(dir.path(), "token", &token).expect("token file");
+        let kmsfs = Kmsfs::new(dir.path().join("etc/kms.toml"));
+        let addr = server.addr().to_string();
+        kmsfs
+            .run_async(&[
+                "kms",
+                "set",
+                "vault",
+                &addr,
+                "kmsfs",
+                "--token-file",
+                token_file.to_str().expect("utf-8"),
+            ])
+            .await
+            .ok();
+        Env {
+            server: Some(server),
+            dir,
+            kmsfs,
+            token_file,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Creates a filesystem in `<name>-cipher` and an empty `<name>-plain`.
+    async fn create(&self, name: &str) -> (PathBuf, PathBuf) {
+        let cipher = self.path(&format!("{name}-cipher"));
+        let plain = self.path(&format!("{name}-plain"));
+        fs::create_dir_all(&plain).expect("mountpoint");
+        self.kmsfs
+            .run_async(&["create", cipher.to_str().expect("utf-8")])
+            .await
+            .ok();
+        (cipher, plain)
+    }
+
+    async fn mount(&self, cipher: &Path, plain: &Path, extra: &[&str]) -> kmsfs_e2e::cli::Run {
+        let mut args = vec![
+            "mount",
+            cipher.to_str().expect("utf-8"),
+            plain.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        self.kmsfs.run_async(&args).await
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn all_backing_bytes(dir: &Path, out: &mut Vec<u8>) {
+    for e in fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        out.extend_from_slice(e.file_name().as_encoded_bytes());
+        if p.is_dir() {
+            all_backing_bytes(&p, out);
+        } else if let Ok(b) = fs::read(&p) {
+            out.extend_from_slice(&b);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mount_write_read_survives_kms_outage_and_unmounts() {
+    let mut env = Env::new().await;
+    let (cipher, plain) = env.create("main").await;
+    let _guard = CliMountGuard(plain.clone());
+    env.mount(&cipher, &plain, &[]).await.ok();
+    assert!(
+        is_mounted(&plain),
+        "mount returned before the mount was live"
+    );
+    fs::write(
+        plain.join("diary-secret.txt"),
+        b"TOP-SECRET-PLAINTEXT payload",
+    )
+    .unwrap();
+    fs::create_dir(plain.join("photos-secret")).unwrap();
+    assert_eq!(
+        fs::read(plain.join("diary-secret.txt")).unwrap(),
+        b"TOP-SECRET-PLAINTEXT payload"
+    );
+    let mut backing = Vec::new();
+    all_backing_bytes(&cipher, &mut backing);
+    assert!(
+        !contains(&backing, b"TOP-SECRET"),
+        "plaintext in backing dir"
+    );
+    assert!(
+        !contains(&backing, b"secret"),
+        "plaintext name in backing dir"
+    );
+
+    // The KMS goes away: the live mount does not need it.
+    drop(env.server.take());
+    fs::write(plain.join("after-outage"), vec![7u8; 100_000]).unwrap();
+    assert_eq!(
+        fs::read(plain.join("after-outage")).unwrap(),
+        vec![7u8; 100_000]
+    );
+
+    let pids = daemon_pids(&plain);
+    assert_eq!(pids.len(), 1, "one daemon serves the mount");
+    env.kmsfs
+        .run_async(&["umount", plain.to_str().unwrap()])
+        .await
+        .ok();
+    assert!(!is_mounted(&plain));
+    // The daemon exits after the unmount (and with it the key).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon_pids(&plain).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(daemon_pids(&plain).is_empty(), "daemon still running");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kms_down_at_mount_fails_clearly_after_the_timeout() {
+    let mut env = Env::new().await;
+    let (cipher, plain) = env.create("down").await;
+    let _guard = CliMountGuard(plain.clone());
+    drop(env.server.take());
+    let start = Instant::now();
+    let run = env
+        .mount(&cipher, &plain, &["--kms-timeout", "3"])
+        .await
+        .failed();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "gave up too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(30), "took too long: {took:?}");
+    assert!(run.stderr.contains("unreachable"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(cipher.to_str().unwrap()),
+        "{}",
+        run.stderr
+    );
+    assert!(!is_mounted(&plain), "half-mounted after a failure");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kms_that_comes_up_late_is_waited_for() {
+    let env = Env::new().await;
+    let (cipher, plain) = env.create("late").await;
+    let _guard = CliMountGuard(plain.clone());
+    // A second configuration whose address is a relay that starts later.
+    let port = reserve_port_pair().unwrap();
+    let late_cfg = env.path("late/kms.toml");
+    let late = Kmsfs::new(&late_cfg);
+    late.run_async(&[
+        "kms",
+        "set",
+        "vault",
+        &format!("http://127.0.0.1:{port}"),
+        "kmsfs",
+        "--token-file",
+        env.token_file.to_str().unwrap(),
+        "--no-verify",
+    ])
+    .await
+    .ok();
+    let mut child = Command::new(kmsfs_bin())
+        .arg("--config")
+        .arg(&late_cfg)
+        .args(["mount", "--kms-timeout", "60"])
+        .arg(&cipher)
+        .arg(&plain)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(child.try_wait().unwrap().is_none(), "mount gave up early");
+    let target = env
+        .server
+        .as_ref()
+        .unwrap()
+        .addr()
+        .trim_start_matches("http://")
+        .to_string();
+    let _proxy = TcpProxy::start(&format!("127.0.0.1:{port}"), &target).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(is_mounted(&plain));
+    fs::write(plain.join("x"), b"late but fine").unwrap();
+    assert_eq!(fs::read(plain.join("x")).unwrap(), b"late but fine");
+    force_unmount(&plain);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_header_is_refused() {
+    let env = Env::new().await;
+    let (cipher, plain) = env.create("tamper").await;
+    let _guard = CliMountGuard(plain.clone());
+    let hdr = cipher.join("kmsfs.header");
+    let mut bytes = fs::read(&hdr).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&hdr, &bytes).unwrap();
+    let run = env
+        .mount(&cipher, &plain, &["--kms-timeout", "2"])
+        .await
+        .failed();
+    assert!(run.stderr.contains("kmsfs.header"), "{}", run.stderr);
+    assert!(run.stderr.contains("checksum"), "{}", run.stderr);
+    assert!(!is_mounted(&plain));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_filesystems_mounted_at_once() {
+    let env = Env::new().await;
+    let (c1, p1) = env.create("one").await;
+    let (c2, p2) = env.create("two").await;
+    let _g1 = CliMountGuard(p1.clone());
+    let _g2 = CliMountGuard(p2.clone());
+    env.mount(&c1, &p1, &[]).await.ok();
+    env.mount(&c2, &p2, &[]).await.ok();
+    fs::write(p1.join("same-name"), b"first").unwrap();
+    fs::write(p2.join("same-name"), b"second").unwrap();
+    assert_eq!(fs::read(p1.join("same-name")).unwrap(), b"first");
+    assert_eq!(fs::read(p2.join("same-name")).unwrap(), b"second");
+    // Mounting twice on the same place is refused.
+    env.mount(&c1, &p1, &[]).await.failed();
+    for p in [&p1, &p2] {
+        env.kmsfs
+            .run_async(&["umount", p.to_str().unwrap()])
+            .await
+            .ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_mount_options_are_refused() {
+    let env = Env::new().await;
+    let (cipher, plain) = env.create("opts").await;
+    let _guard = CliMountGuard(plain.clone());
+    let run = env
+        .mount(&cipher, &plain, &["-o", "rw,bogus_option"])
+        .await
+        .failed();
+    assert!(run.stderr.contains("bogus_option"), "{}", run.stderr);
+    assert!(!is_mounted(&plain));
+    // Read-only mounts refuse writes.
+    env.mount(&cipher, &plain, &["-o", "ro,nosuid,nodev"])
+        .await
+        .ok();
+    assert!(fs::write(plain.join("f"), b"x").is_err());
+    force_unmount(&plain);
+}
+
+/// Puts `/sbin/mount.kmsfs` in place for mount(8) and removes it after.
+struct HelperLink(PathBuf);
+
+impl HelperLink {
+    fn install() -> HelperLink {
+        let link = PathBuf::from("/sbin/mount.kmsfs");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(kmsfs_bin(), &link).expect("symlink /sbin/mount.kmsfs");
+        HelperLink(link)
+    }
+}
+
+impl Drop for HelperLink {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fstab_line_mounts_through_mount_helper() {
+    let env = Env::new().await;
+    let (cipher, plain) = env.create("fstab").await;
+    let _guard = CliMountGuard(plain.clone());
+    let _link = HelperLink::install();
+    let fstab = env.path("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "# test fstab\n{} {} kmsfs _netdev,nofail,kms_timeout=30,kms_config={},x-systemd.automount 0 0\n",
+            cipher.display(),
+            plain.display(),
+            env.kmsfs.config.display()
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (fstab, plain) = (fstab.clone(), plain.clone());
+        move || {
+            Command::new("mount")
+                .arg("-T")
+                .arg(&fstab)
+                .arg(&plain)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "mount -T failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(&plain));
+    fs::write(plain.join("from-fstab"), b"ok").unwrap();
+    assert_eq!(fs::read(plain.join("from-fstab")).unwrap(), b"ok");
+    let st = Command::new("umount").arg(&plain).status().unwrap();
+    assert!(st.success());
+    assert!(!is_mounted(&plain));
+}
+
+const UNIT: usize = 4096;
+const UNITS: u64 = 64;
+
+/// A unit's contents: its index and a version, repeated.
+fn unit_bytes(idx: u64, version: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(UNIT);
+    while v.len() < UNIT {
+        v.extend_from_slice(&idx.to_le_bytes());
+        v.extend_from_slice(&version.to_le_bytes());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_during_writes_leaves_every_unit_old_or_new() {
+    let env = Env::new().await;
+    let (cipher, plain) = env.create("kill").await;
+    let _guard = CliMountGuard(plain.clone());
+    env.mount(&cipher, &plain, &[]).await.ok();
+    let bystander: Vec<u8> = Rng::new(99).bytes(300_000);
+    fs::write(plain.join("bystander"), &bystander).unwrap();
+    let target = plain.join("target");
+    {
+        let f = fs::File::create(&target).unwrap();
+        for i in 0..UNITS {
+            f.write_all_at(&unit_bytes(i, 0), i * UNIT as u64).unwrap();
+        }
+    }
+    let writer = std::thread::spawn({
+        let target = target.clone();
+        move || {
+            let Ok(f) = fs::OpenOptions::new().write(true).open(&target) else {
+                return 0u64;
+            };
+            let mut rng = Rng::new(7);
+            let mut version = 0;
+            loop {
+                version += 1;
+                let idx = rng.below(UNITS);
+                if f.write_all_at(&unit_bytes(idx, version), idx * UNIT as u64)
+                    .is_err()
+                    || version > 5_000_000
+                {
+                    break;
+                }
+            }
+            version
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pids = daemon_pids(&plain);
+    assert_eq!(pids.len(), 1);
+    // SAFETY: sending a signal to a process we started.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let versions = writer.join().unwrap();
+    assert!(versions > 1, "the writer never ran");
+    force_unmount(&plain);
+    env.mount(&cipher, &plain, &[]).await.ok();
+    let data = fs::read(&target).unwrap();
+    assert_eq!(data.len(), UNIT * UNITS as usize);
+    for (i, unit) in data.chunks(UNIT).enumerate() {
+        let idx = u64::from_le_bytes(unit[..8].try_into().unwrap());
+        let ver = u64::from_le_bytes(unit[8..16].try_into().unwrap());
+        assert_eq!(unit, unit_bytes(idx, ver).as_slice(), "unit {i} is torn");
+        assert_eq!(idx, i as u64, "unit {i} holds another unit's data");
+    }
+    assert_eq!(fs::read(plain.join("bystander")).unwrap(), bystander);
+    force_unmount(&plain);
+}
