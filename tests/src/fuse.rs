@@ -148,7 +148,7 @@ pub fn daemon_pids(mountpoint: &Path) -> Vec<i32> {
             continue;
         };
         let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args.iter().any(|a| *a == b"--ready-fd") && args.iter().any(|a| *a == want.as_slice()) {
+        if args.iter().any(|a| *a == b"--ready-fd") && args.contains(&want.as_slice()) {
             pids.push(pid);
         }
     }
