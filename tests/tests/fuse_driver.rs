@@ -285,3 +285,119 @@ fn truncate_extend_and_sparse_files() {
     assert_eq!(fs::read(&p).unwrap(), b"x");
     m.unmount().unwrap();
 }
+
+/// A small tmpfs, unmounted on drop.
+struct SmallTmpfs(std::path::PathBuf);
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_returns_enospc_and_damages_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backing = tmp.path().join("small");
+    fs::create_dir(&backing).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&backing)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot mount a tmpfs");
+    let _tmpfs = SmallTmpfs(backing.clone());
+    let cipher = backing.join("cipher");
+    let plain = tmp.path().join("plain");
+    fs::create_dir(&cipher).unwrap();
+    fs::create_dir(&plain).unwrap();
+    fresh_cipherdir(&cipher).unwrap();
+    let master = MasterKey::generate().unwrap();
+    let m = MountGuard::mount(&cipher, &plain, &master).unwrap();
+
+    // A file whose last unit is partial: growing it re-encrypts that unit.
+    let keep = pattern(1_000_100, 42);
+    fs::write(plain.join("keep"), &keep).unwrap();
+    // Fill the disk through another file until it refuses even one byte.
+    let mut filler = File::create(plain.join("filler")).unwrap();
+    for size in [256 * 1024, 4096, 512, 16, 1] {
+        let chunk = vec![0x5au8; size];
+        let err = loop {
+            if let Err(e) = filler.write_all(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    }
+    drop(filler);
+    // Appending to the partial-unit file fails cleanly too.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(plain.join("keep"))
+        .unwrap();
+    let err = f.write_all(&vec![1u8; 1 << 20]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    // Read from the daemon, not the kernel's page cache.
+    fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+    let check = |got: Vec<u8>| {
+        // A short write before ENOSPC is allowed; damage to what was there is not.
+        assert!(got.len() >= keep.len());
+        assert!(got[..keep.len()] == keep[..], "existing data was damaged");
+        assert!(got[keep.len()..].iter().all(|&b| b == 1), "torn new data");
+    };
+    check(fs::read(plain.join("keep")).unwrap());
+    m.unmount().unwrap();
+    // After a remount too.
+    let m = MountGuard::mount(&cipher, &plain, &master).unwrap();
+    check(fs::read(plain.join("keep")).unwrap());
+    m.unmount().unwrap();
+}
+
+#[test]
+fn rename_exchange_and_noreplace() {
+    let s = setup();
+    let m = MountGuard::mount(&s.cipher, &s.plain, &s.master).unwrap();
+    let a = s.plain.join("a");
+    let b = s.plain.join("b".repeat(200));
+    fs::write(&a, b"AAA").unwrap();
+    fs::write(&b, b"BBB").unwrap();
+    let ca = std::ffi::CString::new(a.as_os_str().as_encoded_bytes()).unwrap();
+    let cb = std::ffi::CString::new(b.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C strings.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(fs::read(&a).unwrap(), b"BBB");
+    assert_eq!(fs::read(&b).unwrap(), b"AAA");
+    // SAFETY: valid C strings.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    m.unmount().unwrap();
+    // The long name survives the exchange (its sidecar stayed).
+    let m = MountGuard::mount(&s.cipher, &s.plain, &s.master).unwrap();
+    assert_eq!(fs::read(&b).unwrap(), b"AAA");
+    m.unmount().unwrap();
+}

@@ -41,6 +41,13 @@ pub trait Backing {
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
     /// Truncates or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves space for `[off, off + len)` without changing the file's
+    /// length, so that a full disk fails the write before any byte of
+    /// existing data is replaced. The default reserves nothing.
+    fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
+        let _ = (off, len);
+        Ok(())
+    }
 }
 
 impl Backing for std::fs::File {
@@ -52,6 +59,27 @@ impl Backing for std::fs::File {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         std::fs::File::set_len(self, len)
+    }
+    fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on a descriptor this File owns.
+        let r = unsafe {
+            libc::fallocate(
+                self.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Filesystems without fallocate: nothing to reserve with.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(e),
+        }
     }
 }
 
@@ -378,6 +406,7 @@ impl FileContents {
                     .map_err(KeyError::from)?;
                 pos = e;
             }
+            backing.allocate(FILE_HEADER_LEN + ua, ub - ua)?;
             backing.write_all_at(&buf, FILE_HEADER_LEN + ua)?;
         }
         Ok(())
@@ -398,6 +427,7 @@ impl FileContents {
         if self.cipher.is_none() {
             let nonce = random_nonce()?;
             let cipher = keys.file_cipher(&nonce)?;
+            backing.allocate(0, FILE_HEADER_LEN)?;
             backing.write_all_at(&encode_file_header(&nonce), 0)?;
             self.cipher = Some(cipher);
         }
@@ -432,6 +462,7 @@ impl FileContents {
         let mut out = Vec::with_capacity(FILE_HEADER_LEN as usize + ct.len());
         out.extend_from_slice(&encode_file_header(&nonce));
         out.extend_from_slice(&ct);
+        backing.allocate(0, out.len() as u64)?;
         backing.write_all_at(&out, 0)?;
         if self.size > plain.len() as u64 || self.cipher.is_none() {
             backing.set_len(out.len() as u64)?;

@@ -223,3 +223,57 @@ fn bad_file_headers_are_errors_not_panics() {
     let err = fc.read_at(&f, 0, &mut buf).unwrap_err();
     assert!(err.to_string().contains("short read"), "{err}");
 }
+
+/// A backing file on a nearly full disk: writes past `capacity` bytes are
+/// cut short and then fail, as a real filesystem does, unless the space
+/// was reserved first.
+struct FullDisk {
+    file: MemFile,
+    capacity: u64,
+}
+
+impl Backing for FullDisk {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.file.read_at(buf, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let fits = self.capacity.saturating_sub(off).min(buf.len() as u64) as usize;
+        self.file.write_all_at(&buf[..fits], off)?;
+        if fits < buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
+        if off + len > self.capacity {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_write_before_touching_old_data() {
+    let keys = keys();
+    for old_len in [20usize, 676, 4100, 5000, 8191] {
+        let disk = FullDisk {
+            file: MemFile::default(),
+            capacity: FILE_HEADER_LEN + old_len as u64 + 8,
+        };
+        let mut fc = FileContents::open(&keys, &disk, 0).unwrap();
+        let old = pattern(old_len, 3);
+        fc.write_at(&keys, &disk, 0, &old).unwrap();
+        let before = disk.file.0.borrow().clone();
+        // Growing re-encrypts the old (partial) last unit: the write must
+        // fail as a whole, leaving every byte as it was.
+        let err = fc
+            .write_at(&keys, &disk, old_len as u64, &[9u8; 3000])
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+        assert_eq!(*disk.file.0.borrow(), before, "old size {old_len}");
+        assert_eq!(read_all(&fc, &disk.file), old);
+    }
+}

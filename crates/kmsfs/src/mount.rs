@@ -223,12 +223,20 @@ fn check_mountpoint(mp: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The daemon holds the key: keep it out of core dumps and ptrace by
-/// other users, and allow one descriptor per known inode.
+/// The daemon holds the key: keep it out of core dumps, ptrace by other
+/// users and swap (the per-file key schedules live on the ordinary heap,
+/// so all memory is locked as it is touched), and allow one descriptor per
+/// known inode.
 fn harden_process() {
-    // SAFETY: plain prctl/setrlimit calls with valid arguments.
+    // SAFETY: plain prctl/setrlimit/mlockall calls with valid arguments.
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        if libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0 {
+            warn!(
+                "mlockall failed ({}); keys outside the locked key buffers may be swapped",
+                std::io::Error::last_os_error()
+            );
+        }
         let zero = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
