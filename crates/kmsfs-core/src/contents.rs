@@ -406,7 +406,11 @@ impl FileContents {
                     .map_err(KeyError::from)?;
                 pos = e;
             }
-            backing.allocate(FILE_HEADER_LEN + ua, ub - ua)?;
+            // Only a span that grows the file can need new blocks next to
+            // old data (the re-encrypted last unit): reserve them first.
+            if ub > self.size {
+                backing.allocate(FILE_HEADER_LEN + ua, ub - ua)?;
+            }
             backing.write_all_at(&buf, FILE_HEADER_LEN + ua)?;
         }
         Ok(())

@@ -5,8 +5,8 @@ use crate::sys::{self, Time};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use kmsfs_core::contents::{plaintext_size, FileContents, FILE_HEADER_LEN};
 use kmsfs_core::keys::FsKeys;
@@ -26,9 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{debug, warn};
 
-/// How long the kernel may cache attributes and entries. The backing
-/// directory is not meant to change underneath a mount.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes and entries. Every change goes
+/// through this daemon, which tells the kernel; the backing directory must
+/// not be changed underneath a live mount (docs/compat.md).
+const TTL: Duration = Duration::from_secs(30);
 /// A file handle flag: the file was opened with `O_APPEND`.
 const FH_APPEND: u64 = 1;
 
@@ -45,6 +46,9 @@ pub struct KmsFs {
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_dir_handle: Mutex<u64>,
     read_only: bool,
+    writeback: bool,
+    euid: u32,
+    egid: u32,
 }
 
 /// The changes one `setattr` asks for.
@@ -61,6 +65,8 @@ struct DirEntry {
     ino: u64,
     kind: FileType,
     name: OsString,
+    /// The backing entry name (empty for `.` and `..`).
+    backing: OsString,
 }
 
 impl KmsFs {
@@ -88,6 +94,10 @@ impl KmsFs {
             dirs: Mutex::new(HashMap::new()),
             next_dir_handle: Mutex::new(1),
             read_only,
+            writeback: false,
+            // SAFETY: geteuid/getegid cannot fail.
+            euid: unsafe { libc::geteuid() },
+            egid: unsafe { libc::getegid() },
         })
     }
 
@@ -166,15 +176,7 @@ impl KmsFs {
     }
 
     fn attr(&self, node: &Node, ino: u64, st: &libc::stat) -> Result<FileAttr> {
-        let kind = match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => FileType::RegularFile,
-            libc::S_IFDIR => FileType::Directory,
-            libc::S_IFLNK => FileType::Symlink,
-            libc::S_IFIFO => FileType::NamedPipe,
-            libc::S_IFSOCK => FileType::Socket,
-            libc::S_IFCHR => FileType::CharDevice,
-            _ => FileType::BlockDevice,
-        };
+        let kind = file_type(st.st_mode);
         let size = match node.kind {
             Kind::File => match &*node.open.read() {
                 Some(open) => open.contents.size(),
@@ -214,17 +216,18 @@ impl KmsFs {
         })
     }
 
-    /// Gives a new entry the caller's ownership (the daemon runs as root).
+    /// Gives a new entry the caller's ownership (the daemon runs as root, so
+    /// the backing entry starts out as the daemon's).
     fn own(&self, req: &Request, dir: &Node, bname: &OsStr) -> Result<()> {
-        let fd = sys::open_path(dir.raw(), bname).map_err(errno)?;
+        if req.uid() == self.euid && req.gid() == self.egid {
+            // Already right, including set-group-ID inheritance, which the
+            // backing directory (same mode bits) applied itself.
+            return Ok(());
+        }
         let dir_st = sys::fstat(dir.raw()).map_err(errno)?;
-        // BSD/SysV semantics for set-group-ID directories.
-        let gid = if dir_st.st_mode & libc::S_ISGID != 0 {
-            dir_st.st_gid
-        } else {
-            req.gid()
-        };
-        sys::chown(fd.as_raw_fd(), Some(req.uid()), Some(gid)).map_err(errno)
+        // Under a set-group-ID directory the group is inherited: keep it.
+        let gid = (dir_st.st_mode & libc::S_ISGID == 0).then(|| req.gid());
+        sys::chown_at(dir.raw(), bname, Some(req.uid()), gid).map_err(errno)
     }
 
     /// Opens the contents of a regular file, sharing state between handles.
@@ -298,11 +301,11 @@ impl KmsFs {
     fn list(&self, dir: &Node) -> Result<Vec<DirEntry>> {
         let iv = *self.dir_iv(dir)?;
         let mut out = Vec::new();
-        for (bname, ino) in sys::list_dir(&dir.fd).map_err(errno)? {
-            let Ok(bname) = std::str::from_utf8(&bname) else {
+        for (bname, ino, dtype) in sys::list_dir(&dir.fd).map_err(errno)? {
+            let Ok(bname) = String::from_utf8(bname) else {
                 continue;
             };
-            let full = match classify(bname) {
+            let full = match classify(&bname) {
                 BackingEntry::Internal => continue,
                 BackingEntry::Encoded(s) => s.to_string(),
                 BackingEntry::LongName(h) => {
@@ -322,24 +325,25 @@ impl KmsFs {
                     continue;
                 }
             };
-            let kind = match sys::statat(dir.raw(), OsStr::new(bname)) {
-                Ok(st) => match Kind::from_mode(st.st_mode) {
-                    Kind::Dir => FileType::Directory,
-                    Kind::File => FileType::RegularFile,
-                    Kind::Symlink => FileType::Symlink,
-                    Kind::Special => match st.st_mode & libc::S_IFMT {
-                        libc::S_IFIFO => FileType::NamedPipe,
-                        libc::S_IFSOCK => FileType::Socket,
-                        libc::S_IFCHR => FileType::CharDevice,
-                        _ => FileType::BlockDevice,
-                    },
+            let kind = match dtype {
+                libc::DT_DIR => FileType::Directory,
+                libc::DT_REG => FileType::RegularFile,
+                libc::DT_LNK => FileType::Symlink,
+                libc::DT_FIFO => FileType::NamedPipe,
+                libc::DT_SOCK => FileType::Socket,
+                libc::DT_CHR => FileType::CharDevice,
+                libc::DT_BLK => FileType::BlockDevice,
+                // DT_UNKNOWN: the backing filesystem does not say; ask it.
+                _ => match sys::statat(dir.raw(), OsStr::new(&bname)) {
+                    Ok(st) => file_type(st.st_mode),
+                    Err(_) => continue,
                 },
-                Err(_) => continue,
             };
             out.push(DirEntry {
                 ino: self.inodes.fuse_ino(ino),
                 kind,
                 name: OsString::from_vec(name),
+                backing: OsString::from(bname),
             });
         }
         Ok(out)
@@ -349,7 +353,7 @@ impl KmsFs {
         let entries = sys::list_dir(fd).map_err(errno)?;
         Ok(entries
             .iter()
-            .all(|(n, _)| n.as_slice() == DIR_IV_NAME.as_bytes()))
+            .all(|(n, _, _)| n.as_slice() == DIR_IV_NAME.as_bytes()))
     }
 
     fn do_setattr(&self, ino: INodeNo, change: AttrChange) -> Result<FileAttr> {
@@ -423,7 +427,10 @@ impl KmsFs {
         let dir = self.node(parent)?;
         let enc = self.encrypt(&dir, name)?;
         let bname = OsString::from(enc.backing_name());
-        if sys::statat(dir.raw(), &bname).is_ok() {
+        // A long name's sidecar must not be written (or, on failure,
+        // removed) for an entry that already exists; short names rely on
+        // the creating call's own EEXIST.
+        if matches!(enc, EncryptedName::Long { .. }) && sys::statat(dir.raw(), &bname).is_ok() {
             return Err(Errno::EEXIST);
         }
         self.write_sidecar(&dir, &enc)?;
@@ -433,6 +440,18 @@ impl KmsFs {
         }
         self.own(req, &dir, &bname)?;
         self.lookup_backing(&dir, &bname)
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => FileType::RegularFile,
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        _ => FileType::BlockDevice,
     }
 }
 
@@ -467,7 +486,18 @@ impl Filesystem for KmsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS | fuser::InitFlags::FUSE_DO_READDIRPLUS,
+        );
+        // The kernel gathers small writes in its page cache and sends
+        // whole pages: 512-byte writes stop costing a unit rewrite each.
+        if !self.read_only
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok()
+        {
+            self.writeback = true;
+        }
         Ok(())
     }
 
@@ -817,7 +847,9 @@ impl Filesystem for KmsFs {
             let node = self.node(ino)?;
             let mut open = node.open.write();
             let o = open.as_mut().ok_or(Errno::EBADF)?;
-            let off = if fh.0 & FH_APPEND != 0 {
+            // Under the writeback cache the kernel resolves O_APPEND itself
+            // and writes pages at their true offsets.
+            let off = if fh.0 & FH_APPEND != 0 && !self.writeback {
                 o.contents.size()
             } else {
                 offset
@@ -901,11 +933,13 @@ impl Filesystem for KmsFs {
                     ino: ino.0,
                     kind: FileType::Directory,
                     name: ".".into(),
+                    backing: OsString::new(),
                 },
                 DirEntry {
                     ino: ROOT_INO,
                     kind: FileType::Directory,
                     name: "..".into(),
+                    backing: OsString::new(),
                 },
             ];
             entries.extend(self.list(&node)?);
@@ -935,6 +969,51 @@ impl Filesystem for KmsFs {
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.dirs.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let dir = match self.node(ino) {
+            Ok(d) => d,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let next = (i + 1) as u64;
+            if e.backing.is_empty() {
+                // `.` and `..` take no lookup reference; the kernel ignores
+                // their attributes.
+                let Ok(mut attr) = self.attr_of(ino.0, &dir) else {
+                    continue;
+                };
+                attr.ino = INodeNo(e.ino);
+                if reply.add(INodeNo(e.ino), next, &e.name, &TTL, &attr, Generation(0)) {
+                    break;
+                }
+                continue;
+            }
+            // Each entry returned counts as a lookup, as in `lookup`.
+            let Ok((_, attr)) = self.lookup_backing(&dir, &e.backing) else {
+                continue; // removed since the listing was taken
+            };
+            if reply.add(attr.ino, next, &e.name, &TTL, &attr, Generation(0)) {
+                self.inodes.forget(attr.ino.0, 1);
                 break;
             }
         }
@@ -1046,17 +1125,35 @@ impl Filesystem for KmsFs {
         reply: ReplyCreate,
     ) {
         let r = (|| {
+            let mut created = None;
             let (node, attr) = self.make_entry(req, parent, name, |dir, bname| {
-                sys::openat(
+                let fd = sys::openat(
                     dir.raw(),
                     bname,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
                     mode & !umask & 0o7777,
                 )
-                .map(drop)
-                .map_err(errno)
+                .map_err(errno)?;
+                created = Some(File::from(fd));
+                Ok(())
             })?;
-            self.open_file(&node)?;
+            // Serve the handle from the descriptor just created rather than
+            // reopening the file through /proc.
+            let mut open = node.open.write();
+            match (open.as_mut(), created) {
+                (Some(o), _) => o.opens += 1,
+                (None, Some(file)) => {
+                    let contents = FileContents::open(&self.keys, &file, 0)
+                        .map_err(|e| Errno::from_i32(e.errno()))?;
+                    *open = Some(OpenFile {
+                        file,
+                        contents,
+                        opens: 1,
+                    });
+                }
+                (None, None) => *open = Some(self.load_file(&node)?),
+            }
+            drop(open);
             let fh = if flags & libc::O_APPEND != 0 {
                 FH_APPEND
             } else {

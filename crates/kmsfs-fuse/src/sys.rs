@@ -143,6 +143,15 @@ pub fn mknodat(dir: RawFd, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()>
     check(unsafe { libc::mknodat(dir, c.as_ptr(), mode, rdev) }).map(drop)
 }
 
+/// `fchownat(dir, name, AT_SYMLINK_NOFOLLOW)`; `None` leaves an id unchanged.
+pub fn chown_at(dir: RawFd, name: &OsStr, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    let c = cstr(name)?;
+    let u = uid.unwrap_or(u32::MAX);
+    let g = gid.unwrap_or(u32::MAX);
+    // SAFETY: valid C string.
+    check(unsafe { libc::fchownat(dir, c.as_ptr(), u, g, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+}
+
 /// `chmod` of the node behind an `O_PATH` descriptor.
 pub fn chmod(fd: RawFd, mode: u32) -> io::Result<()> {
     let p = proc_path(fd);
@@ -228,9 +237,9 @@ pub fn fallocate(fd: RawFd, mode: i32, off: u64, len: u64) -> io::Result<()> {
     check(unsafe { libc::fallocate(fd, mode, off as i64, len as i64) }).map(drop)
 }
 
-/// Lists a directory given an `O_PATH` descriptor: `(name, d_ino)` pairs,
-/// without `.` and `..`.
-pub fn list_dir(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, u64)>> {
+/// Lists a directory given an `O_PATH` descriptor: `(name, d_ino, d_type)`
+/// triples, without `.` and `..`.
+pub fn list_dir(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
     let dfd = openat(
         fd.as_raw_fd(),
         OsStr::new("."),
@@ -251,12 +260,12 @@ pub fn list_dir(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, u64)>> {
             break;
         }
         // SAFETY: d_name is NUL-terminated within the entry.
-        let (name, ino) = unsafe {
+        let (name, ino, kind) = unsafe {
             let name = std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes();
-            (name.to_vec(), (*ent).d_ino)
+            (name.to_vec(), (*ent).d_ino, (*ent).d_type)
         };
         if name != b"." && name != b".." {
-            out.push((name, ino));
+            out.push((name, ino, kind));
         }
     }
     // SAFETY: closes the DIR* and its descriptor exactly once.
