@@ -300,6 +300,20 @@ impl Drop for SmallTmpfs {
 
 #[test]
 fn a_full_disk_returns_enospc_and_damages_nothing() {
+    full_disk(false);
+}
+
+#[test]
+fn without_writeback_the_write_itself_reports_enospc() {
+    full_disk(true);
+}
+
+fn full_disk(no_writeback: bool) {
+    let settings = kmsfs_fuse::MountSettings {
+        threads: 4,
+        no_writeback,
+        ..Default::default()
+    };
     let tmp = tempfile::tempdir().unwrap();
     let backing = tmp.path().join("small");
     fs::create_dir(&backing).unwrap();
@@ -316,7 +330,7 @@ fn a_full_disk_returns_enospc_and_damages_nothing() {
     fs::create_dir(&plain).unwrap();
     fresh_cipherdir(&cipher).unwrap();
     let master = MasterKey::generate().unwrap();
-    let m = MountGuard::mount(&cipher, &plain, &master).unwrap();
+    let m = MountGuard::mount_with(&cipher, &plain, &master, &settings).unwrap();
 
     // A file whose last unit is partial: growing it re-encrypts that unit.
     let keep = pattern(1_000_100, 42);
@@ -329,7 +343,13 @@ fn a_full_disk_returns_enospc_and_damages_nothing() {
         let chunk = vec![0x5au8; size];
         let mut refused = None;
         for _ in 0..200 {
-            if let Err(e) = filler.write_all(&chunk).and_then(|_| filler.sync_all()) {
+            let written = if no_writeback {
+                // Every write reaches the daemon: the write itself fails.
+                filler.write_all(&chunk)
+            } else {
+                filler.write_all(&chunk).and_then(|_| filler.sync_all())
+            };
+            if let Err(e) = written {
                 refused = Some(e);
                 break;
             }
@@ -362,7 +382,7 @@ fn a_full_disk_returns_enospc_and_damages_nothing() {
     check(fs::read(plain.join("keep")).unwrap());
     m.unmount().unwrap();
     // After a remount too.
-    let m = MountGuard::mount(&cipher, &plain, &master).unwrap();
+    let m = MountGuard::mount_with(&cipher, &plain, &master, &settings).unwrap();
     check(fs::read(plain.join("keep")).unwrap());
     m.unmount().unwrap();
 }

@@ -250,12 +250,32 @@ impl FileContents {
         }
         let (first, _, _) = unit_bounds(self.size, off);
         let (_, last_end, _) = unit_bounds(self.size, end - 1);
+        if first == off && last_end == end {
+            // Whole units (the kernel's page-aligned reads): decrypt in the
+            // caller's buffer, with no copy.
+            self.decrypt_units(backing, cipher, first, &mut buf[..n])?;
+            return Ok(n);
+        }
         let mut ct = vec![0u8; (last_end - first) as usize];
-        read_exact(backing, &mut ct, FILE_HEADER_LEN + first)?;
+        self.decrypt_units(backing, cipher, first, &mut ct)?;
+        buf[..n].copy_from_slice(&ct[(off - first) as usize..(end - first) as usize]);
+        Ok(n)
+    }
+
+    /// Reads and decrypts the whole units covering `[first, first + buf.len())`.
+    fn decrypt_units<B: Backing>(
+        &self,
+        backing: &B,
+        cipher: &Xts256,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ContentsError> {
+        read_exact(backing, buf, FILE_HEADER_LEN + first)?;
+        let last_end = first + buf.len() as u64;
         let mut pos = first;
         while pos < last_end {
             let (s, e, idx) = unit_bounds(self.size, pos);
-            let unit = &mut ct[(s - first) as usize..(e - first) as usize];
+            let unit = &mut buf[(s - first) as usize..(e - first) as usize];
             if !is_zero(unit) {
                 cipher
                     .decrypt_unit(unit, u128::from(idx))
@@ -263,8 +283,7 @@ impl FileContents {
             }
             pos = e;
         }
-        buf[..n].copy_from_slice(&ct[(off - first) as usize..(end - first) as usize]);
-        Ok(n)
+        Ok(())
     }
 
     /// Writes `data` at plaintext offset `off`, growing the file if needed.

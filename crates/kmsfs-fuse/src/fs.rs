@@ -6,7 +6,7 @@ use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Request, TimeOrNow, WriteFlags,
 };
 use kmsfs_core::contents::{plaintext_size, FileContents, FILE_HEADER_LEN};
 use kmsfs_core::keys::FsKeys;
@@ -70,8 +70,14 @@ struct DirEntry {
 }
 
 impl KmsFs {
-    /// Serves `cipherdir` with the subkeys `keys` (derived from the unwrapped master key).
-    pub fn new(cipherdir: &Path, keys: FsKeys, read_only: bool) -> io::Result<Self> {
+    /// Serves `cipherdir` with the subkeys `keys` (derived from the unwrapped
+    /// master key); `writeback` asks the kernel for its writeback cache.
+    pub fn new(
+        cipherdir: &Path,
+        keys: FsKeys,
+        read_only: bool,
+        writeback: bool,
+    ) -> io::Result<Self> {
         let fd = sys::openat(
             libc::AT_FDCWD,
             cipherdir.as_os_str(),
@@ -94,7 +100,7 @@ impl KmsFs {
             dirs: Mutex::new(HashMap::new()),
             next_dir_handle: Mutex::new(1),
             read_only,
-            writeback: false,
+            writeback,
             // SAFETY: geteuid/getegid cannot fail.
             euid: unsafe { libc::geteuid() },
             egid: unsafe { libc::getegid() },
@@ -487,17 +493,22 @@ impl Filesystem for KmsFs {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.add_capabilities(
-            fuser::InitFlags::FUSE_PARALLEL_DIROPS | fuser::InitFlags::FUSE_DO_READDIRPLUS,
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS
+                | fuser::InitFlags::FUSE_DO_READDIRPLUS
+                | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
         // The kernel gathers small writes in its page cache and sends
         // whole pages: 512-byte writes stop costing a unit rewrite each.
-        if !self.read_only
+        self.writeback = !self.read_only
+            && self.writeback
             && config
                 .add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE)
-                .is_ok()
-        {
-            self.writeback = true;
-        }
+                .is_ok();
+        debug!(
+            "FUSE init: capabilities {:?}, writeback cache {}",
+            config.capabilities(),
+            self.writeback
+        );
         Ok(())
     }
 
@@ -1070,43 +1081,10 @@ impl Filesystem for KmsFs {
         }
     }
 
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        // Extended attributes would be stored in the clear by the backing
-        // filesystem; they are refused rather than leaked (docs/compat.md).
-        reply.error(Errno::EOPNOTSUPP);
-    }
-
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::ENODATA);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::ENODATA);
-    }
+    // Extended attributes are not implemented: the backing filesystem would
+    // store them in the clear. The trait's default answer, ENOSYS, makes the
+    // kernel stop asking (it then answers EOPNOTSUPP itself), which also
+    // spares every write a `security.capability` round trip.
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         // Permission checks are the kernel's (the mount always uses

@@ -25,6 +25,10 @@ pub struct MountSettings {
     pub extra: Vec<MountOption>,
     /// Number of FUSE worker threads.
     pub threads: usize,
+    /// Turn off the kernel's writeback cache (on by default): every write
+    /// then reaches the daemon at once, and `ENOSPC` is reported by the
+    /// write itself rather than by `fsync`/`close`.
+    pub no_writeback: bool,
 }
 
 /// Mounts `cipherdir` at `mountpoint` and serves it on background threads.
@@ -35,13 +39,16 @@ pub fn spawn_mount(
     keys: FsKeys,
     settings: &MountSettings,
 ) -> io::Result<BackgroundSession> {
-    let fs = KmsFs::new(cipherdir, keys, settings.read_only)?;
+    let fs = KmsFs::new(cipherdir, keys, settings.read_only, !settings.no_writeback)?;
     let mut opts = vec![
         MountOption::FSName(cipherdir.display().to_string()),
         MountOption::Subtype("kmsfs".into()),
-        // The daemon runs as root and checks nothing itself: the kernel does.
-        MountOption::DefaultPermissions,
     ];
+    if settings.allow_other {
+        // The daemon runs as root and checks nothing itself: when other
+        // users may enter, the kernel must check their permissions.
+        opts.push(MountOption::DefaultPermissions);
+    }
     opts.push(if settings.read_only {
         MountOption::RO
     } else {

@@ -135,6 +135,7 @@ fn serve(
         allow_other: opts.allow_other,
         extra: opts.kernel.clone(),
         threads: FUSE_THREADS,
+        no_writeback: opts.no_writeback,
     };
     let session =
         kmsfs_fuse::spawn_mount(&cipherdir, &mountpoint, keys, &settings).with_context(|| {

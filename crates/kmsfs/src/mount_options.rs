@@ -17,6 +17,8 @@ pub struct ParsedOptions {
     pub kms_timeout: Option<u64>,
     /// `kms_config=PATH`: the KMS configuration for this mount (fstab).
     pub kms_config: Option<PathBuf>,
+    /// `no_writeback`: no kernel writeback cache (`writeback` turns it back on).
+    pub no_writeback: bool,
 }
 
 /// Options mount(8), systemd and fstab conventions add that concern the
@@ -62,6 +64,8 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
             match (key, value) {
                 ("ro", None) => p.read_only = true,
                 ("allow_other", None) => p.allow_other = true,
+                ("no_writeback", None) => p.no_writeback = true,
+                ("writeback", None) => p.no_writeback = false,
                 ("nosuid", None) => p.kernel.push(MountOption::NoSuid),
                 ("suid", None) => p.kernel.push(MountOption::Suid),
                 ("nodev", None) => p.kernel.push(MountOption::NoDev),
@@ -82,7 +86,7 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 ("kms_config", Some(v)) if !v.is_empty() => p.kms_config = Some(PathBuf::from(v)),
                 _ => bail!(
                     "unknown mount option '{opt}' (known: ro, rw, allow_other, nosuid, nodev, \
-                     noexec, noatime, sync, kms_timeout=SECONDS, kms_config=PATH, and mount(8)'s \
+                     noexec, noatime, sync, no_writeback, kms_timeout=SECONDS, kms_config=PATH, and mount(8)'s \
                      _netdev, nofail, auto, noauto, user, defaults, x-*)"
                 ),
             }
