@@ -449,6 +449,20 @@ impl KmsFs {
     }
 }
 
+fn answer_empty(reply: ReplyEmpty, r: Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn answer_entry(reply: ReplyEntry, r: Result<(Arc<Node>, FileAttr)>) {
+    match r {
+        Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn file_type(mode: u32) -> FileType {
     match mode & libc::S_IFMT {
         libc::S_IFREG => FileType::RegularFile,
@@ -522,10 +536,7 @@ impl Filesystem for KmsFs {
             let enc = self.encrypt(&dir, name)?;
             self.lookup_backing(&dir, OsStr::new(enc.backing_name()))
         })();
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, r);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -611,10 +622,7 @@ impl Filesystem for KmsFs {
                 sys::mknodat(dir.raw(), bname, mode & !umask, u64::from(rdev)).map_err(errno)
             }
         });
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, r);
     }
 
     fn mkdir(
@@ -645,10 +653,7 @@ impl Filesystem for KmsFs {
                 errno(e)
             })
         });
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -659,10 +664,7 @@ impl Filesystem for KmsFs {
             self.remove_sidecar(&dir, &enc);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, r);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -691,10 +693,7 @@ impl Filesystem for KmsFs {
             self.remove_sidecar(&dir, &enc);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, r);
     }
 
     fn symlink(
@@ -712,10 +711,7 @@ impl Filesystem for KmsFs {
                 sys::symlinkat(stored.as_bytes(), dir.raw(), bname).map_err(errno)
             })
         })();
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, r);
     }
 
     fn rename(
@@ -733,6 +729,10 @@ impl Filesystem for KmsFs {
             let newdir = self.node(newparent)?;
             let old = self.encrypt(&dir, name)?;
             let new = self.encrypt(&newdir, newname)?;
+            // A sidecar written here for a name that did not exist must go
+            // again if the rename fails.
+            let new_is_fresh = matches!(new, EncryptedName::Long { .. })
+                && sys::statat(newdir.raw(), OsStr::new(new.backing_name())).is_err();
             self.write_sidecar(&newdir, &new)?;
             let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
             if exchange {
@@ -746,6 +746,9 @@ impl Filesystem for KmsFs {
                 OsStr::new(new.backing_name()),
                 flags.bits(),
             ) {
+                if new_is_fresh {
+                    self.remove_sidecar(&newdir, &new);
+                }
                 return Err(errno(e));
             }
             if !exchange && old.backing_name() != new.backing_name() {
@@ -753,10 +756,7 @@ impl Filesystem for KmsFs {
             }
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, r);
     }
 
     fn link(
@@ -781,10 +781,7 @@ impl Filesystem for KmsFs {
             }
             self.lookup_backing(&dir, &bname)
         })();
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -930,10 +927,7 @@ impl Filesystem for KmsFs {
                 o.file.sync_all().map_err(errno)
             }
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, r);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1056,10 +1050,7 @@ impl Filesystem for KmsFs {
             let fd = sys::reopen(&node.fd, libc::O_RDONLY | libc::O_DIRECTORY).map_err(errno)?;
             File::from(fd).sync_all().map_err(errno)
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, r);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1185,10 +1176,7 @@ impl Filesystem for KmsFs {
                 Ok(())
             })
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, r);
     }
 }
 
