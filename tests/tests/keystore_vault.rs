@@ -233,14 +233,14 @@ async fn rewrap_to_a_second_key() {
 }
 
 #[tokio::test]
-async fn wrong_token_is_permission_denied() {
+async fn wrong_token_is_token_expired_and_narrow_policy_is_permission_denied() {
     let server = BaoServer::start().await.unwrap();
     server.create_key("kmsfs", false).await.unwrap();
     let tf = write_token_file(server.dir(), "token", "s.NotARealTokenValue").unwrap();
     let client = VaultClient::new(&token_config(vec![server.addr().into()], "kmsfs", &tf)).unwrap();
     let err = client.wrap("kmsfs", &master_key(), None).await.unwrap_err();
     eprintln!("{err}");
-    assert!(matches!(err, KmsError::PermissionDenied { .. }), "{err:?}");
+    assert!(matches!(err, KmsError::TokenExpired { .. }), "{err:?}");
     assert!(!err.to_string().contains("NotARealTokenValue"), "{err}");
 
     // A valid token whose policy covers another key only.
@@ -644,4 +644,22 @@ async fn dev_kms_script_and_env_config() {
     .unwrap();
     let err = client.read_key("kmsfs").await.unwrap_err();
     assert!(matches!(err, KmsError::Unreachable { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_expired_token_is_reported_as_expired() {
+    let server = BaoServer::start().await.unwrap();
+    server.create_key("kmsfs", false).await.unwrap();
+    server
+        .put_policy("kmsfs", &BaoServer::transit_policy("kmsfs"))
+        .await
+        .unwrap();
+    let token = server.create_token(&["kmsfs"], "2s").await.unwrap();
+    let tf = write_token_file(server.dir(), "short-token", &token).unwrap();
+    let client = VaultClient::new(&token_config(vec![server.addr().into()], "kmsfs", &tf)).unwrap();
+    client.wrap("kmsfs", &master_key(), None).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let err = client.wrap("kmsfs", &master_key(), None).await.unwrap_err();
+    assert!(matches!(err, KmsError::TokenExpired { .. }), "{err:?}");
+    assert!(!err.to_string().contains(&token), "{err}");
 }

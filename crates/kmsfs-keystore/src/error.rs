@@ -28,11 +28,19 @@ pub enum KmsError {
         address: String,
     },
 
-    /// The server refused the request (HTTP 403): the token is invalid,
-    /// expired or revoked, or its policies do not allow this path.
+    /// The server refused the request (HTTP 403) although the token is
+    /// valid: its policies do not allow this path.
     #[error("KMS permission denied: {detail}")]
     PermissionDenied {
         /// Which request was refused and what to check.
+        detail: String,
+    },
+
+    /// The token itself is no longer accepted: expired, revoked or never
+    /// valid (the server refuses even `auth/token/lookup-self`).
+    #[error("KMS token expired, revoked or invalid: {detail}")]
+    TokenExpired {
+        /// Which request was refused and what to do.
         detail: String,
     },
 

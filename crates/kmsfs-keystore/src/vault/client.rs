@@ -47,6 +47,9 @@ pub struct VaultClient {
     active: Mutex<Option<usize>>,
 }
 
+/// The token self-lookup path, used to tell a dead token from a narrow policy.
+const LOOKUP_SELF: &str = "auth/token/lookup-self";
+
 impl std::fmt::Debug for VaultClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VaultClient")
@@ -195,9 +198,26 @@ impl VaultClient {
                     continue;
                 }
                 let errs = api_errors(&reply.body);
+                // Vault answers 403 both for a dead token and for a policy
+                // that does not cover the path: a token that cannot even look
+                // itself up is the former.
+                if path != LOOKUP_SELF
+                    && self
+                        .send(Method::GET, LOOKUP_SELF, None, Some(&token), true)
+                        .await
+                        .map(|r| r.status == 403)
+                        .unwrap_or(false)
+                {
+                    return Err(KmsError::TokenExpired {
+                        detail: format!(
+                            "{method} /v1/{path} refused and the token cannot look itself up; \
+                             replace the token (or its file) with a valid one"
+                        ),
+                    });
+                }
                 return Err(KmsError::PermissionDenied {
                     detail: format!(
-                        "{method} /v1/{path}: {}; check that the token is valid (not expired or revoked) and that its policy allows this path",
+                        "{method} /v1/{path}: {}; the token is valid, so check that its policy allows this path",
                         if errs.is_empty() { "permission denied".into() } else { errs.join("; ") }
                     ),
                 });

@@ -479,7 +479,7 @@ async fn async_checks(cfg: &KmsConfig, client: &VaultClient, config_path: &Path,
                 );
             }
         }
-        Err(KmsError::PermissionDenied { detail }) => c.add(
+        Err(KmsError::TokenExpired { detail } | KmsError::PermissionDenied { detail }) => c.add(
             Status::Fail,
             "auth",
             format!("the KMS refused the token (invalid, expired or revoked?): {detail}"),
