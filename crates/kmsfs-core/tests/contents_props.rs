@@ -1,40 +1,13 @@
 //! Property tests of the contents layer against a plain in-memory model.
 
+mod common;
+
+use common::MemFile;
 use kmsfs_core::contents::{Backing, FileContents, FILE_HEADER_LEN, UNIT_SIZE};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 use proptest::prelude::*;
 use std::cell::RefCell;
 use std::io;
-
-/// A backing file in memory.
-#[derive(Default)]
-struct MemFile(RefCell<Vec<u8>>);
-
-impl Backing for MemFile {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        let v = self.0.borrow();
-        let off = off as usize;
-        if off >= v.len() {
-            return Ok(0);
-        }
-        let n = buf.len().min(v.len() - off);
-        buf[..n].copy_from_slice(&v[off..off + n]);
-        Ok(n)
-    }
-    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        let mut v = self.0.borrow_mut();
-        let end = off as usize + buf.len();
-        if v.len() < end {
-            v.resize(end, 0);
-        }
-        v[off as usize..end].copy_from_slice(buf);
-        Ok(())
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.borrow_mut().resize(len as usize, 0);
-        Ok(())
-    }
-}
 
 fn keys() -> FsKeys {
     FsKeys::derive(&MasterKey::generate().unwrap(), &[9; 16])

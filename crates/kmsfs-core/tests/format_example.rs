@@ -1,7 +1,10 @@
 //! The worked example in docs/format.md, byte for byte. If this test fails,
 //! the format changed and the document must change with it.
 
-use kmsfs_core::contents::{Backing, FileContents};
+mod common;
+
+use common::MemFile;
+use kmsfs_core::contents::FileContents;
 use kmsfs_core::header::{Header, KeySlot, KmsType, UnverifiedHeader};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 use kmsfs_core::names::{encrypt_name, EncryptedName};
@@ -58,37 +61,13 @@ fn name_worked_example() {
     );
 }
 
-struct Mem(std::cell::RefCell<Vec<u8>>);
-impl Backing for Mem {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
-        let v = self.0.borrow();
-        let off = (off as usize).min(v.len());
-        let n = buf.len().min(v.len() - off);
-        buf[..n].copy_from_slice(&v[off..off + n]);
-        Ok(n)
-    }
-    fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        let mut v = self.0.borrow_mut();
-        let end = off as usize + buf.len();
-        if v.len() < end {
-            v.resize(end, 0);
-        }
-        v[off as usize..end].copy_from_slice(buf);
-        Ok(())
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.borrow_mut().resize(len as usize, 0);
-        Ok(())
-    }
-}
-
 #[test]
 fn contents_worked_example() {
     // A file with a fixed nonce (normally random): header, then the 20-byte
     // plaintext as one ciphertext-stolen unit.
     let keys = example_keys();
     let nonce = [0xaau8; 16];
-    let f = Mem(std::cell::RefCell::new(
+    let f = MemFile(std::cell::RefCell::new(
         kmsfs_core::contents::encode_file_header(&nonce).to_vec(),
     ));
     let mut fc = FileContents::open(&keys, &f, 32).unwrap();

@@ -355,6 +355,11 @@ impl KmsFs {
         Ok(out)
     }
 
+    /// The listing taken at `opendir` for the handle `fh`.
+    fn listing(&self, fh: FileHandle) -> Option<Arc<Vec<DirEntry>>> {
+        self.dirs.lock().get(&fh.0).cloned()
+    }
+
     fn is_empty_dir(&self, fd: &OwnedFd) -> Result<bool> {
         let entries = sys::list_dir(fd).map_err(errno)?;
         Ok(entries
@@ -968,7 +973,7 @@ impl Filesystem for KmsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.dirs.lock().get(&fh.0).cloned() else {
+        let Some(entries) = self.listing(fh) else {
             reply.error(Errno::EBADF);
             return;
         };
@@ -988,7 +993,7 @@ impl Filesystem for KmsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(entries) = self.dirs.lock().get(&fh.0).cloned() else {
+        let Some(entries) = self.listing(fh) else {
             reply.error(Errno::EBADF);
             return;
         };
