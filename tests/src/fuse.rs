@@ -62,15 +62,8 @@ pub const TEST_UUID: [u8; 16] = *b"kmsfs-e2e-uuid!!";
 /// Prepares an empty backing directory the way `kmsfs create` does for
 /// the data side (the root directory IV), without a KMS header.
 pub fn fresh_cipherdir(dir: &Path) -> Result<()> {
-    let mut iv = [0u8; 16];
-    getrandom(&mut iv)?;
+    let iv = kmsfs_core::names::new_dir_iv().map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::write(dir.join(DIR_IV_NAME), iv)?;
-    Ok(())
-}
-
-fn getrandom(buf: &mut [u8]) -> Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)?;
     Ok(())
 }
 

@@ -29,6 +29,8 @@ use sha2::{Digest, Sha256};
 pub const DIR_IV_LEN: usize = 16;
 /// Backing file in every directory that holds the directory IV.
 pub const DIR_IV_NAME: &str = "kmsfs.diriv";
+/// Permission bits of a directory IV file: read-only, as it never changes.
+pub const DIR_IV_MODE: u32 = 0o440;
 /// Prefix of a hashed long name in a backing directory.
 pub const LONGNAME_PREFIX: &str = "kmsfs.longname.";
 /// Suffix of the sidecar file that holds a long name's full encoding.
@@ -109,6 +111,13 @@ pub enum BackingEntry<'a> {
     LongName(&'a str),
     /// A directly encoded name.
     Encoded(&'a str),
+}
+
+/// A fresh directory IV from the OS CSPRNG.
+pub fn new_dir_iv() -> Result<[u8; DIR_IV_LEN], getrandom::Error> {
+    let mut iv = [0u8; DIR_IV_LEN];
+    getrandom::fill(&mut iv)?;
+    Ok(iv)
 }
 
 /// Sorts a backing directory entry name into what it holds.

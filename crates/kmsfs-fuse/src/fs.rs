@@ -12,7 +12,7 @@ use kmsfs_core::contents::{plaintext_size, FileContents, FILE_HEADER_LEN};
 use kmsfs_core::keys::FsKeys;
 use kmsfs_core::names::{
     self, classify, decrypt_name, decrypt_symlink, encrypt_name, encrypt_symlink, BackingEntry,
-    EncryptedName, DIR_IV_LEN, DIR_IV_NAME, LONGNAME_SUFFIX,
+    EncryptedName, DIR_IV_LEN, DIR_IV_MODE, DIR_IV_NAME, LONGNAME_SUFFIX,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -291,13 +291,12 @@ impl KmsFs {
     }
 
     fn create_dir_iv(&self, dir_fd: &OwnedFd) -> io::Result<()> {
-        let mut iv = [0u8; DIR_IV_LEN];
-        getrandom_fill(&mut iv)?;
+        let iv = names::new_dir_iv().map_err(|e| io::Error::other(e.to_string()))?;
         let fd = sys::openat(
             dir_fd.as_raw_fd(),
             OsStr::new(DIR_IV_NAME),
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-            0o440,
+            DIR_IV_MODE,
         )?;
         let mut f = File::from(fd);
         f.write_all(&iv)?;
@@ -478,11 +477,6 @@ fn file_type(mode: u32) -> FileType {
         libc::S_IFCHR => FileType::CharDevice,
         _ => FileType::BlockDevice,
     }
-}
-
-fn getrandom_fill(buf: &mut [u8]) -> io::Result<()> {
-    let mut f = File::open("/dev/urandom")?;
-    f.read_exact(buf)
 }
 
 fn read_small(dir: &Node, name: &str) -> io::Result<String> {
@@ -1197,7 +1191,7 @@ fn restore_dir_iv(dir_fd: &OwnedFd, iv: &[u8]) {
         dir_fd.as_raw_fd(),
         OsStr::new(DIR_IV_NAME),
         libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-        0o440,
+        DIR_IV_MODE,
     )
     .and_then(|fd| File::from(fd).write_all(iv));
     if let Err(e) = r {

@@ -113,15 +113,17 @@ impl Inodes {
         ino: u64,
         make: impl FnOnce() -> std::io::Result<Node>,
     ) -> std::io::Result<Arc<Node>> {
-        let mut map = self.map.lock();
-        if let Some(n) = map.get(&ino) {
+        if let Some(n) = self.map.lock().get(&ino) {
             *n.lookups.lock() += 1;
             return Ok(n.clone());
         }
-        let node = make()?;
-        *node.lookups.lock() = 1;
-        let node = Arc::new(node);
-        map.insert(ino, node.clone());
+        // Open the descriptor without holding the table lock, so lookups on
+        // other threads are not serialised behind a syscall.
+        let made = Arc::new(make()?);
+        let mut map = self.map.lock();
+        // Another thread may have added the same inode meanwhile: keep one.
+        let node = map.entry(ino).or_insert(made).clone();
+        *node.lookups.lock() += 1;
         Ok(node)
     }
 

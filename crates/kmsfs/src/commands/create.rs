@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use kmsfs_core::header::{Header, KeySlot, KmsType, HEADER_FILE_NAME};
 use kmsfs_core::keys::{FsKeys, MasterKey};
-use kmsfs_core::names::{DIR_IV_LEN, DIR_IV_NAME};
+use kmsfs_core::names::{new_dir_iv, DIR_IV_MODE, DIR_IV_NAME};
 use kmsfs_core::secret::SecretBytes;
 
 use crate::commands::{absolute, client, runtime, uuid_string};
@@ -14,9 +14,6 @@ use crate::fsheader::{header_path, slot_context, write_header};
 use crate::kmsconfig::{load_kms_config, registry_path};
 use crate::registry::{Entry, Registry};
 use crate::timefmt::now_secs;
-
-/// Permission bits of a directory IV file (`kmsfs.diriv`).
-pub const DIR_IV_MODE: u32 = 0o440;
 
 /// Arguments of `kmsfs create`.
 #[derive(Debug, clap::Args)]
@@ -130,8 +127,8 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
     let bytes = header
         .encode(&keys)
         .with_context(|| format!("cannot encode the header for {}", dir.display()))?;
-    let diriv = SecretBytes::random(DIR_IV_LEN)
-        .map_err(|e| anyhow::anyhow!("cannot generate the directory IV: {e}"))?;
+    let diriv =
+        new_dir_iv().map_err(|e| anyhow::anyhow!("cannot generate the directory IV: {e}"))?;
 
     if !existed {
         std::fs::create_dir(&dir)
@@ -139,7 +136,7 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
     }
     let written = (|| {
         let iv_path = dir.join(DIR_IV_NAME);
-        kmsfs_keystore::write_atomic(&iv_path, diriv.expose(), DIR_IV_MODE)
+        kmsfs_keystore::write_atomic(&iv_path, &diriv, DIR_IV_MODE)
             .with_context(|| format!("cannot write {}", iv_path.display()))?;
         write_header(&dir, &bytes)
     })();
