@@ -2,7 +2,6 @@
 
 use anyhow::{Context, Result};
 use kmsfs_core::keys::{FsKeys, MasterKey};
-use kmsfs_core::names::DIR_IV_NAME;
 use kmsfs_fuse::{BackgroundSession, MountSettings};
 use std::path::{Path, PathBuf};
 
@@ -62,8 +61,8 @@ pub const TEST_UUID: [u8; 16] = *b"kmsfs-e2e-uuid!!";
 /// Prepares an empty backing directory the way `kmsfs create` does for
 /// the data side (the root directory IV), without a KMS header.
 pub fn fresh_cipherdir(dir: &Path) -> Result<()> {
-    let iv = kmsfs_core::names::new_dir_iv().map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::write(dir.join(DIR_IV_NAME), iv)?;
+    let handle = std::fs::File::open(dir)?;
+    kmsfs_core::layout::create_dir_iv(std::os::fd::AsFd::as_fd(&handle))?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 pub mod contents;
 pub mod header;
 pub mod keys;
+pub mod layout;
 pub mod names;
 pub mod secret;
 pub mod xts;

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use kmsfs_core::header::{Header, KeySlot, KmsType, HEADER_FILE_NAME};
 use kmsfs_core::keys::{FsKeys, MasterKey};
-use kmsfs_core::names::{new_dir_iv, DIR_IV_MODE, DIR_IV_NAME};
+use kmsfs_core::layout::{self, DIR_IV_NAME};
 use kmsfs_core::secret::SecretBytes;
+use std::os::fd::AsFd;
 
 use crate::commands::{absolute, client, runtime, uuid_string};
 use crate::fsheader::{header_path, slot_context, write_header};
@@ -127,17 +128,17 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
     let bytes = header
         .encode(&keys)
         .with_context(|| format!("cannot encode the header for {}", dir.display()))?;
-    let diriv =
-        new_dir_iv().map_err(|e| anyhow::anyhow!("cannot generate the directory IV: {e}"))?;
-
     if !existed {
         std::fs::create_dir(&dir)
             .with_context(|| format!("cannot create directory {}", dir.display()))?;
     }
     let written = (|| {
-        let iv_path = dir.join(DIR_IV_NAME);
-        kmsfs_keystore::write_atomic(&iv_path, &diriv, DIR_IV_MODE)
-            .with_context(|| format!("cannot write {}", iv_path.display()))?;
+        let handle =
+            std::fs::File::open(&dir).with_context(|| format!("cannot open {}", dir.display()))?;
+        layout::create_dir_iv(handle.as_fd())
+            .with_context(|| format!("cannot write {}", dir.join(DIR_IV_NAME).display()))?;
+        // The header's rename fsyncs the directory, which makes the IV's
+        // entry durable too.
         write_header(&dir, &bytes)
     })();
     if let Err(e) = written {
