@@ -3,8 +3,15 @@
 //! The driver is handed already-derived keys; it never talks to a KMS, so a
 //! KMS outage cannot disturb a live mount.
 
+mod adapter;
+mod attrs;
+mod entries;
+mod errors;
 mod fs;
-mod node;
+mod inodes;
+mod listing;
+mod open_files;
+mod space;
 mod sys;
 
 pub use fs::KmsFs;
@@ -64,5 +71,8 @@ pub fn spawn_mount(
     };
     config.n_threads = Some(settings.threads.max(1));
     config.clone_fd = true;
-    fuser::spawn_mount(fs, mountpoint, &config)
+    let space = fs.space_errors();
+    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    space.set_notifier(session.notifier());
+    Ok(session)
 }

@@ -23,8 +23,8 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// The `/proc/self/fd/N` path of a descriptor, to reopen an `O_PATH` fd.
-pub fn proc_path(fd: RawFd) -> CString {
-    CString::new(format!("/proc/self/fd/{fd}")).expect("no interior NUL")
+fn proc_path(fd: RawFd) -> io::Result<CString> {
+    cstr(OsStr::new(&format!("/proc/self/fd/{fd}")))
 }
 
 /// `openat(dir, name, flags, mode)`.
@@ -43,7 +43,7 @@ pub fn open_path(dir: RawFd, name: &OsStr) -> io::Result<OwnedFd> {
 
 /// Reopens an `O_PATH` descriptor with real access `flags`.
 pub fn reopen(fd: &OwnedFd, flags: i32) -> io::Result<OwnedFd> {
-    let p = proc_path(fd.as_raw_fd());
+    let p = proc_path(fd.as_raw_fd())?;
     // SAFETY: valid C string; the returned fd is owned by the caller.
     let nfd = check(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) })?;
     // SAFETY: freshly returned descriptor.
@@ -154,7 +154,7 @@ pub fn chown_at(dir: RawFd, name: &OsStr, uid: Option<u32>, gid: Option<u32>) ->
 
 /// `chmod` of the node behind an `O_PATH` descriptor.
 pub fn chmod(fd: RawFd, mode: u32) -> io::Result<()> {
-    let p = proc_path(fd);
+    let p = proc_path(fd)?;
     // SAFETY: valid C string.
     check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
 }
@@ -216,7 +216,7 @@ pub fn utimens(fd: RawFd, is_symlink: bool, atime: Time, mtime: Time) -> io::Res
         })
         .map(drop);
     }
-    let p = proc_path(fd);
+    let p = proc_path(fd)?;
     // SAFETY: valid C string and two timespecs.
     check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) }).map(drop)
 }
@@ -231,21 +231,20 @@ pub fn statvfs(fd: RawFd) -> io::Result<libc::statvfs> {
     }
 }
 
-/// `fallocate`.
-pub fn fallocate(fd: RawFd, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: plain syscall on an owned descriptor.
-    check(unsafe { libc::fallocate(fd, mode, off as i64, len as i64) }).map(drop)
+/// One entry of a backing directory listing.
+pub struct RawEntry {
+    /// The entry name (never `.` or `..`).
+    pub name: Vec<u8>,
+    /// The backing inode number (`d_ino`).
+    pub ino: u64,
+    /// The `d_type` (may be `DT_UNKNOWN`).
+    pub dtype: u8,
 }
 
-/// Lists a directory given an `O_PATH` descriptor: `(name, d_ino, d_type)`
-/// triples, without `.` and `..`.
-pub fn list_dir(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
-    let dfd = openat(
-        fd.as_raw_fd(),
-        OsStr::new("."),
-        libc::O_RDONLY | libc::O_DIRECTORY,
-        0,
-    )?;
+/// Lists a directory given any descriptor of it, without `.` and `..`.
+/// A failing `readdir` is an error, never a short listing.
+pub fn list_dir(fd: RawFd) -> io::Result<Vec<RawEntry>> {
+    let dfd = openat(fd, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     // SAFETY: fdopendir takes ownership of the descriptor on success.
     let dir = unsafe { libc::fdopendir(dfd.as_raw_fd()) };
     if dir.is_null() {
@@ -253,22 +252,115 @@ pub fn list_dir(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
     }
     std::mem::forget(dfd);
     let mut out = Vec::new();
-    loop {
-        // SAFETY: `dir` is a valid DIR*; readdir returns null at the end.
+    let result = loop {
+        // readdir returns null both at the end and on error; only errno
+        // tells them apart, so clear it first.
+        // SAFETY: errno is thread-local; writing it is always allowed.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `dir` is a valid DIR* until closedir below.
         let ent = unsafe { libc::readdir64(dir) };
         if ent.is_null() {
-            break;
+            // SAFETY: reading thread-local errno.
+            let err = unsafe { *libc::__errno_location() };
+            break if err == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(err))
+            };
         }
-        // SAFETY: d_name is NUL-terminated within the entry.
-        let (name, ino, kind) = unsafe {
+        // SAFETY: d_name is NUL-terminated within the entry returned by readdir.
+        let (name, ino, dtype) = unsafe {
             let name = std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes();
             (name.to_vec(), (*ent).d_ino, (*ent).d_type)
         };
         if name != b"." && name != b".." {
-            out.push((name, ino, kind));
+            out.push(RawEntry { name, ino, dtype });
         }
-    }
+    };
     // SAFETY: closes the DIR* and its descriptor exactly once.
     unsafe { libc::closedir(dir) };
-    Ok(out)
+    result.map(|()| out)
+}
+
+/// A file handle (`name_to_handle_at`): names a backing inode without
+/// holding a descriptor, and survives renames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handle {
+    kind: i32,
+    bytes: Box<[u8]>,
+}
+
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct HandleBuf {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    f_handle: [u8; libc::MAX_HANDLE_SZ as usize],
+}
+
+/// The file handle of the inode behind `fd`.
+pub fn handle_of(fd: RawFd) -> io::Result<Handle> {
+    let mut buf = HandleBuf {
+        handle_bytes: libc::MAX_HANDLE_SZ as libc::c_uint,
+        handle_type: 0,
+        f_handle: [0; libc::MAX_HANDLE_SZ as usize],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` has the layout of `struct file_handle` followed by
+    // MAX_HANDLE_SZ bytes, as handle_bytes says; the empty path with
+    // AT_EMPTY_PATH names the descriptor itself.
+    check(unsafe {
+        libc::name_to_handle_at(
+            fd,
+            c"".as_ptr(),
+            (&raw mut buf).cast::<libc::file_handle>(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    let len = (buf.handle_bytes as usize).min(buf.f_handle.len());
+    Ok(Handle {
+        kind: buf.handle_type,
+        bytes: buf.f_handle[..len].into(),
+    })
+}
+
+/// Opens the inode named by `handle` on the filesystem of `mount_fd`.
+/// Needs `CAP_DAC_READ_SEARCH`.
+pub fn open_handle(mount_fd: RawFd, handle: &Handle, flags: i32) -> io::Result<OwnedFd> {
+    let mut buf = HandleBuf {
+        handle_bytes: handle.bytes.len() as libc::c_uint,
+        handle_type: handle.kind,
+        f_handle: [0; libc::MAX_HANDLE_SZ as usize],
+    };
+    buf.f_handle[..handle.bytes.len()].copy_from_slice(&handle.bytes);
+    // SAFETY: `buf` is a valid `struct file_handle` of handle_bytes bytes.
+    let fd = check(unsafe {
+        libc::open_by_handle_at(
+            mount_fd,
+            (&raw mut buf).cast::<libc::file_handle>(),
+            flags | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: freshly returned descriptor, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The soft limit on open descriptors (`RLIMIT_NOFILE`).
+pub fn fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    r.rlim_cur
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`: held until the descriptor closes.
+pub fn try_lock(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a live descriptor.
+    check(unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) }).map(drop)
 }

@@ -1,0 +1,481 @@
+//! The `fuser::Filesystem` impl: one line per operation, from the kernel's
+//! request to a `KmsFs` method and back through one reply helper per kind.
+
+use crate::entries::{AttrChange, Caller};
+use crate::errors::Result;
+use crate::fs::KmsFs;
+use crate::open_files::FH_APPEND;
+use fuser::{
+    Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
+};
+use kmsfs_core::names::MAX_NAME_LEN;
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+use tracing::debug;
+
+/// How long the kernel may cache attributes and entries. Every change goes
+/// through this daemon, which tells the kernel; the backing directory must
+/// not be changed underneath a live mount (docs/compat.md).
+const TTL: Duration = Duration::from_secs(30);
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<FileAttr>) {
+    match r {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, r: Result<FileAttr>) {
+    match r {
+        Ok(attr) => reply.attr(&TTL, &attr),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_data(reply: ReplyData, r: Result<Vec<u8>>) {
+    match r {
+        Ok(d) => reply.data(&d),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_open(reply: ReplyOpen, r: Result<u64>) {
+    match r {
+        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn append_flag(flags: i32) -> u64 {
+    if flags & libc::O_APPEND != 0 {
+        FH_APPEND
+    } else {
+        0
+    }
+}
+
+impl Filesystem for KmsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS
+                | fuser::InitFlags::FUSE_DO_READDIRPLUS
+                | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
+        // The kernel gathers small writes in its page cache and sends
+        // whole pages: 512-byte writes stop costing a unit rewrite each.
+        self.writeback = !self.read_only
+            && self.writeback
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok();
+        if self.writeback {
+            self.space.enable();
+        }
+        debug!(
+            "FUSE init: capabilities {:?}, writeback cache {}, file handles {}",
+            config.capabilities(),
+            self.writeback,
+            self.inodes.uses_handles()
+        );
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        debug!("filesystem unmounted; keys are dropped with it");
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(reply, self.lookup(parent.0, name));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+        self.space.forget(ino.0);
+    }
+
+    // BATCH_FORGET: fuser's default calls `forget` for each node.
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(e) = self.space.take(ino.0, fh.is_some()) {
+            return reply.error(e);
+        }
+        reply_attr(
+            reply,
+            self.node(ino.0).and_then(|n| self.attr_of(ino.0, &n)),
+        );
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        reply_attr(reply, self.setattr(ino.0, change));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        reply_data(reply, self.readlink(ino.0));
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(
+            reply,
+            self.mknod(caller(req), parent.0, name, mode & !umask, rdev),
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(
+            reply,
+            self.mkdir(caller(req), parent.0, name, mode & !umask),
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.unlink(parent.0, name));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.rmdir(parent.0, name));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let target = target.as_os_str().as_bytes();
+        reply_entry(
+            reply,
+            self.symlink(caller(req), parent.0, link_name, target),
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.rename(parent.0, name, newparent.0, newname, flags.bits());
+        reply_empty(reply, r);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(reply, self.link(ino.0, newparent.0, newname));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = self.node(ino.0).and_then(|node| {
+            self.open_file(ino.0, &node)?;
+            if flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                if let Err(e) = self.truncate_file(ino.0, &node, 0) {
+                    self.release_file(&node);
+                    return Err(e);
+                }
+            }
+            Ok(append_flag(flags.0))
+        });
+        reply_open(reply, r);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        reply_data(reply, self.read_file(ino.0, offset, size));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.write_file(ino.0, fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes reach the backing file before they are acknowledged.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Ok(node) = self.node(ino.0) {
+            self.release_file(&node);
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.sync_file(ino.0, datasync));
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let r = self
+            .node(ino.0)
+            .and_then(|dir| self.list(ino.0, &dir))
+            .map(|entries| self.listings.insert(entries));
+        reply_open(reply, r);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.listings.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.listings.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let dir = match self.node(ino.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let next = (i + 1) as u64;
+            if e.backing.is_empty() {
+                // `.` and `..` take no lookup reference; the kernel ignores
+                // their attributes.
+                let Ok(mut attr) = self.attr_of(ino.0, &dir) else {
+                    continue;
+                };
+                attr.ino = INodeNo(e.ino);
+                if reply.add(INodeNo(e.ino), next, &e.name, &TTL, &attr, Generation(0)) {
+                    break;
+                }
+                continue;
+            }
+            // Each entry returned counts as a lookup, as in `lookup`.
+            let Ok((_, attr)) = self.lookup_backing(ino.0, &dir, &e.backing) else {
+                continue; // removed since the listing was taken
+            };
+            if reply.add(attr.ino, next, &e.name, &TTL, &attr, Generation(0)) {
+                self.inodes.forget(attr.ino.0, 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.listings.remove(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.sync_dir(ino.0));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.statfs() {
+            Ok(st) => reply.statfs(
+                st.f_blocks,
+                st.f_bfree,
+                st.f_bavail,
+                st.f_files,
+                st.f_ffree,
+                st.f_bsize as u32,
+                MAX_NAME_LEN as u32,
+                st.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    // Extended attributes are not implemented: the backing filesystem would
+    // store them in the clear. The trait's default answer, ENOSYS, makes the
+    // kernel stop asking (it then answers EOPNOTSUPP itself), which also
+    // spares every write a `security.capability` round trip.
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's: with `allow_other` the mount
+        // uses default_permissions; without it only the mounting user (and
+        // root) can reach the mount at all.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mode = mode & !umask & 0o7777;
+        match self.create(caller(req), parent.0, name, mode) {
+            Ok(attr) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(append_flag(flags)),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.allocate_file(ino.0, offset, length, mode));
+    }
+}

@@ -1,0 +1,275 @@
+//! The inode table: one [`Node`] per backing inode the kernel knows about,
+//! and how to get a descriptor for it.
+//!
+//! A node does not pin a descriptor. Where the backing filesystem and our
+//! privileges allow file handles (`name_to_handle_at`; ext4, xfs, btrfs and
+//! tmpfs do, and root has `CAP_DAC_READ_SEARCH`), a node keeps its handle
+//! (8–40 bytes) and the `O_PATH` descriptors live in a bounded LRU cache
+//! that reopens by handle on a miss. That is virtiofsd's answer to the same
+//! wall: a tree of a million files needs a million inodes in the kernel's
+//! cache, but only as many descriptors as are in use at once. Where handles
+//! do not work, each node holds an `O_PATH` descriptor for its life, as
+//! before; that mode is limited by `RLIMIT_NOFILE` (docs/performance.md).
+
+use crate::open_files::OpenFile;
+use crate::sys::{self, Handle};
+use kmsfs_core::names::DIR_IV_LEN;
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// The FUSE root inode number.
+pub const ROOT_INO: u64 = 1;
+
+/// Kind of a node, fixed for its lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+    /// FIFO, socket or device: passed through, no contents to encrypt.
+    Special,
+}
+
+impl Kind {
+    /// The kind of a `st_mode`.
+    pub fn from_mode(mode: u32) -> Kind {
+        match mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            _ => Kind::Special,
+        }
+    }
+}
+
+/// How a node reaches its backing inode.
+enum Anchor {
+    /// A file handle; descriptors come from the cache.
+    Handle(Handle),
+    /// An `O_PATH` descriptor held for the node's life.
+    Fd(Arc<OwnedFd>),
+}
+
+/// One backing inode.
+pub struct Node {
+    anchor: Anchor,
+    /// What the node is.
+    pub kind: Kind,
+    /// The kernel's lookup count.
+    lookups: AtomicU64,
+    /// Open-file state of a regular file; the lock serialises writers of
+    /// one file so no two ever rewrite the same data unit at once. Boxed:
+    /// most nodes are never open, and the cipher state is large.
+    pub open: RwLock<Option<Box<OpenFile>>>,
+    /// Directory IV of a directory, read once.
+    pub dir_iv: OnceLock<[u8; DIR_IV_LEN]>,
+}
+
+/// Maps FUSE inode numbers to nodes. FUSE inode numbers are the backing
+/// inode numbers, except that the backing root is 1 (and a backing inode
+/// numbered 1, if any, takes the root's number), so they stay stable
+/// across remounts and hard links share one.
+pub struct Inodes {
+    map: Mutex<HashMap<u64, Arc<Node>>>,
+    fds: Mutex<LruCache<u64, Arc<OwnedFd>>>,
+    root_fd: Arc<OwnedFd>,
+    root_backing_ino: u64,
+    root_dev: u64,
+    handles: bool,
+}
+
+/// The descriptor cache's size for a descriptor limit: a quarter of the
+/// limit, so open files, directory listings and `/dev/fuse` clones keep
+/// the rest, between 16 and 4096.
+pub fn fd_cache_size(limit: u64) -> usize {
+    (limit / 4).clamp(16, 4096) as usize
+}
+
+impl Inodes {
+    /// A table holding only the root, whose `O_PATH` descriptor is `root_fd`.
+    /// File handles are used when they work on this backing store.
+    pub fn new(root_fd: OwnedFd, root_st: &libc::stat, use_handles: bool) -> Self {
+        let handles = use_handles && handles_work(&root_fd);
+        let root_fd = Arc::new(root_fd);
+        let root = Node {
+            anchor: Anchor::Fd(root_fd.clone()),
+            kind: Kind::Dir,
+            lookups: AtomicU64::new(1),
+            open: RwLock::new(None),
+            dir_iv: OnceLock::new(),
+        };
+        let mut map = HashMap::new();
+        map.insert(ROOT_INO, Arc::new(root));
+        let size = NonZeroUsize::new(fd_cache_size(sys::fd_limit())).unwrap_or(NonZeroUsize::MIN);
+        Inodes {
+            map: Mutex::new(map),
+            fds: Mutex::new(LruCache::new(size)),
+            root_fd,
+            root_backing_ino: root_st.st_ino,
+            root_dev: root_st.st_dev,
+            handles,
+        }
+    }
+
+    /// Whether nodes are anchored by file handles (else by descriptors).
+    pub fn uses_handles(&self) -> bool {
+        self.handles
+    }
+
+    /// The FUSE inode number of the backing entry `st`. Entries on another
+    /// device (a filesystem mounted inside the backing directory) are
+    /// refused: their inode numbers would alias ours.
+    pub fn fuse_ino(&self, st: &libc::stat) -> io::Result<u64> {
+        if st.st_dev != self.root_dev {
+            return Err(io::Error::new(
+                io::ErrorKind::CrossesDevices,
+                "entry is on another filesystem mounted inside the backing directory",
+            ));
+        }
+        Ok(self.map_ino(st.st_ino))
+    }
+
+    /// The FUSE inode number of backing inode number `backing_ino` (for
+    /// listings, where only `d_ino` is known).
+    pub fn map_ino(&self, backing_ino: u64) -> u64 {
+        if backing_ino == self.root_backing_ino {
+            ROOT_INO
+        } else if backing_ino == ROOT_INO {
+            self.root_backing_ino
+        } else {
+            backing_ino
+        }
+    }
+
+    /// The node with FUSE inode number `ino`.
+    pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
+        self.map.lock().get(&ino).cloned()
+    }
+
+    /// Records one more kernel lookup of `ino`, the backing entry `name` in
+    /// the directory `dir_fd`, creating its node if it is new.
+    pub fn remember(
+        &self,
+        ino: u64,
+        kind: Kind,
+        dir_fd: &OwnedFd,
+        name: &std::ffi::OsStr,
+    ) -> io::Result<Arc<Node>> {
+        if let Some(n) = self.map.lock().get(&ino) {
+            n.lookups.fetch_add(1, Ordering::Relaxed);
+            return Ok(n.clone());
+        }
+        // Make the anchor without holding the table lock, so lookups on
+        // other threads are not serialised behind a syscall.
+        let fd = sys::open_path(dir_fd.as_raw_fd(), name)?;
+        let anchor = if self.handles {
+            let h = sys::handle_of(fd.as_raw_fd())?;
+            // The descriptor is at hand: the next operation on a new
+            // directory is usually inside it.
+            self.fds.lock().put(ino, Arc::new(fd));
+            Anchor::Handle(h)
+        } else {
+            Anchor::Fd(Arc::new(fd))
+        };
+        let made = Arc::new(Node {
+            anchor,
+            kind,
+            lookups: AtomicU64::new(0),
+            open: RwLock::new(None),
+            dir_iv: OnceLock::new(),
+        });
+        let mut map = self.map.lock();
+        // Another thread may have added the same inode meanwhile: keep one.
+        let node = map.entry(ino).or_insert(made).clone();
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        Ok(node)
+    }
+
+    /// The kernel forgets `n` lookups of `ino`; the node goes at zero.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut map = self.map.lock();
+        // Counts change only under the table lock, so load-then-store is exact.
+        let gone = match map.get(&ino) {
+            Some(node) => {
+                let left = node.lookups.load(Ordering::Relaxed).saturating_sub(n);
+                node.lookups.store(left, Ordering::Relaxed);
+                left == 0
+            }
+            None => false,
+        };
+        if gone {
+            map.remove(&ino);
+            drop(map);
+            self.fds.lock().pop(&ino);
+        }
+    }
+
+    /// An `O_PATH` descriptor of the node `ino`.
+    pub fn path_fd(&self, ino: u64, node: &Node) -> io::Result<Arc<OwnedFd>> {
+        match &node.anchor {
+            Anchor::Fd(fd) => Ok(fd.clone()),
+            Anchor::Handle(h) => {
+                if let Some(fd) = self.fds.lock().get(&ino) {
+                    return Ok(fd.clone());
+                }
+                let fd = Arc::new(sys::open_handle(
+                    self.root_fd.as_raw_fd(),
+                    h,
+                    libc::O_PATH | libc::O_NOFOLLOW,
+                )?);
+                self.fds.lock().put(ino, fd.clone());
+                Ok(fd)
+            }
+        }
+    }
+
+    /// Opens the node `ino` for I/O with `flags` (a new descriptor, not cached).
+    pub fn open(&self, node: &Node, flags: i32) -> io::Result<OwnedFd> {
+        match &node.anchor {
+            Anchor::Handle(h) => sys::open_handle(self.root_fd.as_raw_fd(), h, flags),
+            Anchor::Fd(fd) => sys::reopen(fd, flags),
+        }
+    }
+}
+
+/// Whether this process can name and reopen inodes by handle on the
+/// backing filesystem of `root`.
+fn handles_work(root: &OwnedFd) -> bool {
+    let probe = sys::handle_of(root.as_raw_fd())
+        .and_then(|h| sys::open_handle(root.as_raw_fd(), &h, libc::O_PATH | libc::O_DIRECTORY));
+    match probe {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(
+                "file handles do not work on this backing store ({e}): every inode the kernel \
+                 caches holds a descriptor, so large trees are limited by the open-file limit"
+            );
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_size_follows_the_limit_within_bounds() {
+        assert_eq!(fd_cache_size(256), 64);
+        assert_eq!(fd_cache_size(1024), 256);
+        assert_eq!(fd_cache_size(20), 16);
+        assert_eq!(fd_cache_size(1 << 20), 4096);
+    }
+}
