@@ -126,6 +126,7 @@ pub struct Kmsfs {
     /// The `--config` path (its directory also holds `registry.toml`).
     pub config: PathBuf,
     env: Vec<(String, String)>,
+    nofile: Option<u64>,
 }
 
 impl Kmsfs {
@@ -134,12 +135,20 @@ impl Kmsfs {
         Kmsfs {
             config: config.into(),
             env: Vec::new(),
+            nofile: None,
         }
     }
 
     /// Adds an environment variable to every run.
     pub fn with_env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Runs every command (and so the mount daemons it starts) with an
+    /// open-file limit of `n`, as `ulimit -n n` would.
+    pub fn with_nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
         self
     }
 
@@ -157,6 +166,23 @@ impl Kmsfs {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the
+            // child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         Run::from(
             cmd.output()
                 .unwrap_or_else(|e| panic!("cannot run kmsfs: {e}")),
@@ -170,5 +196,83 @@ impl Kmsfs {
         tokio::task::spawn_blocking(move || me.run(&args))
             .await
             .unwrap_or_else(|e| panic!("kmsfs runner panicked: {e}"))
+    }
+}
+
+/// A ready-to-use host: a real OpenBao dev server with a Transit key
+/// `kmsfs`, a token for it, and a `kmsfs` configured to use them. Tests
+/// that need the real binary end to end start here.
+pub struct CliEnv {
+    /// The KMS (take it to stop the server).
+    pub server: Option<crate::bao::BaoServer>,
+    /// Holds the configuration, the token and the filesystems.
+    pub dir: tempfile::TempDir,
+    /// The configured runner.
+    pub kmsfs: Kmsfs,
+    /// The token file named in the configuration.
+    pub token_file: PathBuf,
+}
+
+impl CliEnv {
+    /// Starts the server and configures `kmsfs` (panics on failure: setup).
+    pub async fn new() -> CliEnv {
+        use crate::bao::{write_token_file, BaoServer};
+        let server = BaoServer::start().await.expect("bao server");
+        server.create_key("kmsfs", false).await.expect("key");
+        server
+            .put_policy("kmsfs", &BaoServer::transit_policy("kmsfs"))
+            .await
+            .expect("policy");
+        let token = server.create_token(&["kmsfs"], "1h").await.expect("token");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = write_token_file(dir.path(), "token", &token).expect("token file");
+        let kmsfs = Kmsfs::new(dir.path().join("etc/kms.toml"));
+        let addr = server.addr().to_string();
+        kmsfs
+            .run_async(&[
+                "kms",
+                "set",
+                "vault",
+                &addr,
+                "kmsfs",
+                "--token-file",
+                token_file.to_str().expect("utf-8"),
+            ])
+            .await
+            .ok();
+        CliEnv {
+            server: Some(server),
+            dir,
+            kmsfs,
+            token_file,
+        }
+    }
+
+    /// A path inside the environment's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Creates a filesystem in `<name>-cipher` and an empty `<name>-plain`.
+    pub async fn create(&self, name: &str) -> (PathBuf, PathBuf) {
+        let cipher = self.path(&format!("{name}-cipher"));
+        let plain = self.path(&format!("{name}-plain"));
+        std::fs::create_dir_all(&plain).expect("mountpoint");
+        self.kmsfs
+            .run_async(&["create", cipher.to_str().expect("utf-8")])
+            .await
+            .ok();
+        (cipher, plain)
+    }
+
+    /// `kmsfs mount CIPHER PLAIN EXTRA...`.
+    pub async fn mount(&self, cipher: &Path, plain: &Path, extra: &[&str]) -> Run {
+        let mut args = vec![
+            "mount",
+            cipher.to_str().expect("utf-8"),
+            plain.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        self.kmsfs.run_async(&args).await
     }
 }

@@ -2,82 +2,14 @@
 //! server, the real binary, real FUSE mounts. Every mount is undone by a
 //! guard even when an assertion fails.
 
-use kmsfs_e2e::bao::{reserve_port_pair, write_token_file, BaoServer};
-use kmsfs_e2e::cli::{kmsfs_bin, Kmsfs};
+use kmsfs_e2e::bao::reserve_port_pair;
+use kmsfs_e2e::cli::{kmsfs_bin, CliEnv, Kmsfs};
 use kmsfs_e2e::fuse::{daemon_pids, force_unmount, is_mounted, CliMountGuard, Rng, TcpProxy};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
-
-struct Env {
-    server: Option<BaoServer>,
-    dir: TempDir,
-    kmsfs: Kmsfs,
-    token_file: PathBuf,
-}
-
-impl Env {
-    async fn new() -> Env {
-        let server = BaoServer::start().await.expect("bao server");
-        server.create_key("kmsfs", false).await.expect("key");
-        server
-            .put_policy("kmsfs", &BaoServer::transit_policy("kmsfs"))
-            .await
-            .expect("policy");
-        let token = server.create_token(&["kmsfs"], "1h").await.expect("token");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let token_file = write_token_file(dir.path(), "token", &token).expect("token file");
-        let kmsfs = Kmsfs::new(dir.path().join("etc/kms.toml"));
-        let addr = server.addr().to_string();
-        kmsfs
-            .run_async(&[
-                "kms",
-                "set",
-                "vault",
-                &addr,
-                "kmsfs",
-                "--token-file",
-                token_file.to_str().expect("utf-8"),
-            ])
-            .await
-            .ok();
-        Env {
-            server: Some(server),
-            dir,
-            kmsfs,
-            token_file,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Creates a filesystem in `<name>-cipher` and an empty `<name>-plain`.
-    async fn create(&self, name: &str) -> (PathBuf, PathBuf) {
-        let cipher = self.path(&format!("{name}-cipher"));
-        let plain = self.path(&format!("{name}-plain"));
-        fs::create_dir_all(&plain).expect("mountpoint");
-        self.kmsfs
-            .run_async(&["create", cipher.to_str().expect("utf-8")])
-            .await
-            .ok();
-        (cipher, plain)
-    }
-
-    async fn mount(&self, cipher: &Path, plain: &Path, extra: &[&str]) -> kmsfs_e2e::cli::Run {
-        let mut args = vec![
-            "mount",
-            cipher.to_str().expect("utf-8"),
-            plain.to_str().expect("utf-8"),
-        ];
-        args.extend_from_slice(extra);
-        self.kmsfs.run_async(&args).await
-    }
-}
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
@@ -97,7 +29,7 @@ fn all_backing_bytes(dir: &Path, out: &mut Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mount_write_read_survives_kms_outage_and_unmounts() {
-    let mut env = Env::new().await;
+    let mut env = CliEnv::new().await;
     let (cipher, plain) = env.create("main").await;
     let _guard = CliMountGuard(plain.clone());
     env.mount(&cipher, &plain, &[]).await.ok();
@@ -151,7 +83,7 @@ async fn mount_write_read_survives_kms_outage_and_unmounts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kms_down_at_mount_fails_clearly_after_the_timeout() {
-    let mut env = Env::new().await;
+    let mut env = CliEnv::new().await;
     let (cipher, plain) = env.create("down").await;
     let _guard = CliMountGuard(plain.clone());
     drop(env.server.take());
@@ -177,7 +109,7 @@ async fn kms_down_at_mount_fails_clearly_after_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kms_that_comes_up_late_is_waited_for() {
-    let env = Env::new().await;
+    let env = CliEnv::new().await;
     let (cipher, plain) = env.create("late").await;
     let _guard = CliMountGuard(plain.clone());
     // A second configuration whose address is a relay that starts later.
@@ -233,7 +165,7 @@ async fn a_kms_that_comes_up_late_is_waited_for() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tampered_header_is_refused() {
-    let env = Env::new().await;
+    let env = CliEnv::new().await;
     let (cipher, plain) = env.create("tamper").await;
     let _guard = CliMountGuard(plain.clone());
     let hdr = cipher.join("kmsfs.header");
@@ -252,7 +184,7 @@ async fn a_tampered_header_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_filesystems_mounted_at_once() {
-    let env = Env::new().await;
+    let env = CliEnv::new().await;
     let (c1, p1) = env.create("one").await;
     let (c2, p2) = env.create("two").await;
     let _g1 = CliMountGuard(p1.clone());
@@ -275,7 +207,7 @@ async fn two_filesystems_mounted_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_mount_options_are_refused() {
-    let env = Env::new().await;
+    let env = CliEnv::new().await;
     let (cipher, plain) = env.create("opts").await;
     let _guard = CliMountGuard(plain.clone());
     let run = env
@@ -312,7 +244,7 @@ impl Drop for HelperLink {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fstab_line_mounts_through_mount_helper() {
-    let env = Env::new().await;
+    let env = CliEnv::new().await;
     let (cipher, plain) = env.create("fstab").await;
     let _guard = CliMountGuard(plain.clone());
     let _link = HelperLink::install();
@@ -368,7 +300,7 @@ fn unit_bytes(idx: u64, version: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_during_writes_leaves_every_unit_old_or_new() {
-    let env = Env::new().await;
+    let env = CliEnv::new().await;
     let (cipher, plain) = env.create("kill").await;
     let _guard = CliMountGuard(plain.clone());
     env.mount(&cipher, &plain, &[]).await.ok();

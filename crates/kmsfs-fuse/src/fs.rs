@@ -81,7 +81,7 @@ impl KmsFs {
         })?;
         Ok(KmsFs {
             keys: Arc::new(keys),
-            inodes: Inodes::new(fd, &st, true),
+            inodes: Inodes::new(fd, OwnedFd::from(lock.try_clone()?), &st, true),
             listings: Listings::default(),
             space: Arc::new(SpaceErrors::default()),
             read_only,

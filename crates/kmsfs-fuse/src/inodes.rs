@@ -81,7 +81,9 @@ pub struct Node {
 pub struct Inodes {
     map: Mutex<HashMap<u64, Arc<Node>>>,
     fds: Mutex<LruCache<u64, Arc<OwnedFd>>>,
-    root_fd: Arc<OwnedFd>,
+    /// A real (not `O_PATH`) descriptor of the backing root:
+    /// `open_by_handle_at` refuses `O_PATH` ones.
+    mount_fd: OwnedFd,
     root_backing_ino: u64,
     root_dev: u64,
     handles: bool,
@@ -95,10 +97,16 @@ pub fn fd_cache_size(limit: u64) -> usize {
 }
 
 impl Inodes {
-    /// A table holding only the root, whose `O_PATH` descriptor is `root_fd`.
-    /// File handles are used when they work on this backing store.
-    pub fn new(root_fd: OwnedFd, root_st: &libc::stat, use_handles: bool) -> Self {
-        let handles = use_handles && handles_work(&root_fd);
+    /// A table holding only the root, whose `O_PATH` descriptor is
+    /// `root_fd`; `mount_fd` is an ordinary descriptor of the same
+    /// directory. File handles are used when they work on this backing store.
+    pub fn new(
+        root_fd: OwnedFd,
+        mount_fd: OwnedFd,
+        root_st: &libc::stat,
+        use_handles: bool,
+    ) -> Self {
+        let handles = use_handles && handles_work(&root_fd, &mount_fd);
         let root_fd = Arc::new(root_fd);
         let root = Node {
             anchor: Anchor::Fd(root_fd.clone()),
@@ -113,7 +121,7 @@ impl Inodes {
         Inodes {
             map: Mutex::new(map),
             fds: Mutex::new(LruCache::new(size)),
-            root_fd,
+            mount_fd,
             root_backing_ino: root_st.st_ino,
             root_dev: root_st.st_dev,
             handles,
@@ -225,7 +233,7 @@ impl Inodes {
                     return Ok(fd.clone());
                 }
                 let fd = Arc::new(sys::open_handle(
-                    self.root_fd.as_raw_fd(),
+                    self.mount_fd.as_raw_fd(),
                     h,
                     libc::O_PATH | libc::O_NOFOLLOW,
                 )?);
@@ -238,7 +246,7 @@ impl Inodes {
     /// Opens the node `ino` for I/O with `flags` (a new descriptor, not cached).
     pub fn open(&self, node: &Node, flags: i32) -> io::Result<OwnedFd> {
         match &node.anchor {
-            Anchor::Handle(h) => sys::open_handle(self.root_fd.as_raw_fd(), h, flags),
+            Anchor::Handle(h) => sys::open_handle(self.mount_fd.as_raw_fd(), h, flags),
             Anchor::Fd(fd) => sys::reopen(fd, flags),
         }
     }
@@ -246,9 +254,9 @@ impl Inodes {
 
 /// Whether this process can name and reopen inodes by handle on the
 /// backing filesystem of `root`.
-fn handles_work(root: &OwnedFd) -> bool {
+fn handles_work(root: &OwnedFd, mount_fd: &OwnedFd) -> bool {
     let probe = sys::handle_of(root.as_raw_fd())
-        .and_then(|h| sys::open_handle(root.as_raw_fd(), &h, libc::O_PATH | libc::O_DIRECTORY));
+        .and_then(|h| sys::open_handle(mount_fd.as_raw_fd(), &h, libc::O_PATH | libc::O_DIRECTORY));
     match probe {
         Ok(_) => true,
         Err(e) => {
