@@ -10,7 +10,7 @@ use kmsfs_e2e::cli::CliEnv;
 use kmsfs_e2e::fuse::{daemon_pids, CliMountGuard};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -131,6 +131,21 @@ async fn a_large_tree_on_a_small_descriptor_limit() {
         "daemon peak RSS {hwm} bytes exceeds 256 B x {nodes} nodes + 64 MiB = {budget}"
     );
 
+    // Inode numbers are stable across the kernel forgetting its inodes,
+    // and hard links share one.
+    let sample: Vec<PathBuf> = (0..dirs)
+        .step_by(((dirs / 10) as usize).max(1))
+        .map(|d| plain.join(format!("d{d:04}/file-{:06}", per_dir / 2)))
+        .collect();
+    let inos: Vec<u64> = sample
+        .iter()
+        .map(|p| fs::metadata(p).expect("stat").ino())
+        .collect();
+    let link = plain.join("d0000/hard-link");
+    fs::hard_link(&sample[0], &link).expect("link");
+    assert_eq!(fs::metadata(&link).expect("stat link").ino(), inos[0]);
+    fs::remove_file(&link).expect("unlink");
+
     // When the kernel forgets its inodes, the daemon lets go of their
     // descriptors.
     fs::write("/proc/sys/vm/drop_caches", "2\n").expect("drop caches");
@@ -147,6 +162,20 @@ async fn a_large_tree_on_a_small_descriptor_limit() {
         "after drop_caches the daemon still holds {fds} descriptors ({fds_at_mount} at mount)"
     );
     phase("after drop_caches", Instant::now(), pid);
+    let again: Vec<u64> = sample
+        .iter()
+        .map(|p| fs::metadata(p).expect("stat").ino())
+        .collect();
+    assert_eq!(
+        again, inos,
+        "inode numbers changed after the kernel forgot them"
+    );
+    let unique: std::collections::HashSet<u64> = inos.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        inos.len(),
+        "distinct files share an inode number"
+    );
 
     let t = Instant::now();
     for d in 0..dirs {

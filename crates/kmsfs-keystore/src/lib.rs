@@ -13,7 +13,6 @@
 //! * [`atomic_file`] and [`secret_file`]: safe file writing and reading.
 
 #![forbid(unsafe_code)]
-
 #![warn(missing_docs)]
 
 pub mod atomic_file;
