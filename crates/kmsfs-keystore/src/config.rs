@@ -413,7 +413,10 @@ auth = { method = "approle", role_id = "rid", secret_id_file = "/etc/sid" }
         let link = d.path().join("link.toml");
         std::os::unix::fs::symlink(&p, &link).unwrap();
         let e = KmsConfig::load(&link).unwrap_err().to_string();
-        assert!(e.contains("link.toml") && e.contains("symbolic link"), "{e}");
+        assert!(
+            e.contains("link.toml") && e.contains("symbolic link"),
+            "{e}"
+        );
         // SAFETY: geteuid cannot fail.
         if unsafe { libc::geteuid() } == 0 {
             std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();

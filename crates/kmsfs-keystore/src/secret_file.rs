@@ -96,8 +96,7 @@ pub(crate) fn open_protected(
 fn shell_quote(path: &Path) -> String {
     let s = path.to_string_lossy();
     if !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@,=".contains(&b))
     {
         s.into_owned()
@@ -192,7 +191,10 @@ mod tests {
         let link = d.path().join("link");
         std::os::unix::fs::symlink(write(d.path(), "ok", b"s.x", 0o600), &link).unwrap();
         let e = read_secret_file(&link, true).unwrap_err().to_string();
-        assert!(e.contains("symbolic link") && e.contains("readlink -f"), "{e}");
+        assert!(
+            e.contains("symbolic link") && e.contains("readlink -f"),
+            "{e}"
+        );
         assert!(e.contains(&link.display().to_string()), "{e}");
         let fifo = d.path().join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
@@ -213,7 +215,10 @@ mod tests {
         let p = write(d.path(), "tok", b"s.abc\n", 0o600);
         std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
         let e = read_secret_file(&p, true).unwrap_err().to_string();
-        assert!(e.contains("uid 65534") && e.contains("chown root:root"), "{e}");
+        assert!(
+            e.contains("uid 65534") && e.contains("chown root:root"),
+            "{e}"
+        );
         let e = open_protected(&p, FileRole::Config).unwrap_err();
         assert!(e.contains("uid 65534"), "{e}");
     }

@@ -100,6 +100,10 @@ mod tests {
         // SAFETY: waiting for our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(libc::WIFEXITED(status), "child died: {status}");
-        assert_eq!(libc::WEXITSTATUS(status), 0, "10: error, 11: dumpable, 12: core limit");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "10: error, 11: dumpable, 12: core limit"
+        );
     }
 }
