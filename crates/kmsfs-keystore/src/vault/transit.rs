@@ -210,7 +210,7 @@ impl std::io::Write for ByteCounter {
 }
 
 /// The text of a secret known to be ASCII (base64).
-fn secret_str<'a>(s: &'a SecretBytes) -> Result<&'a str> {
+fn secret_str(s: &SecretBytes) -> Result<&str> {
     std::str::from_utf8(s.expose()).map_err(|_| KmsError::Protocol {
         path: "(request)".into(),
         detail: "base64 output is not ASCII".into(),
