@@ -172,6 +172,12 @@ fn page_size() -> usize {
     }
 }
 
+/// Test support: whether a failed `mlock` has been reported.
+#[cfg(test)]
+pub(crate) fn lock_failure_reported() -> bool {
+    LOCK_WARNED.load(Ordering::Relaxed)
+}
+
 /// Test support: the bytes of a slot if it is currently free (read under
 /// the arena lock, so no other thread can be reusing it), else `None`.
 #[cfg(test)]

@@ -209,6 +209,68 @@ mod tests {
         assert!(big.expose().iter().all(|&x| x == 0xA5));
     }
 
+    /// Set in the child process of `works_unlocked_when_mlock_fails`.
+    const CHILD_ENV: &str = "KMSFS_ARENA_MLOCK_CHILD";
+
+    #[test]
+    fn works_unlocked_when_mlock_fails() {
+        if std::env::var_os(CHILD_ENV).is_some() {
+            return mlock_fails_child();
+        }
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // the child needs root to drop to another uid
+        }
+        // A fresh process: this one's arena is already locked.
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "secret::tests::works_unlocked_when_mlock_fails",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    /// RLIMIT_MEMLOCK 0 and no CAP_IPC_LOCK: every mlock fails.
+    fn mlock_fails_child() {
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain system calls with valid arguments; dropping to uid
+        // 65534 removes CAP_IPC_LOCK in every thread.
+        unsafe {
+            assert_eq!(libc::setrlimit(libc::RLIMIT_MEMLOCK, &zero), 0);
+            assert_eq!(libc::setgid(65534), 0);
+            assert_eq!(libc::setuid(65534), 0);
+        }
+        let small = SecretBytes::from_slice(b"still a usable secret");
+        let large = SecretBytes::from_slice(&vec![3u8; 20_000]);
+        let more: Vec<_> = (0..300).map(|_| SecretBytes::random(64).unwrap()).collect();
+        assert_eq!(small.expose(), b"still a usable secret");
+        assert!(large.expose().iter().all(|&b| b == 3));
+        assert!(more.iter().all(|s| s.len() == 64));
+        for s in [&small, &large, &more[299]] {
+            let flags = vm_flags_at(addr(s));
+            assert!(
+                !flags.iter().any(|f| f == "lo"),
+                "mlock succeeded? {flags:?}"
+            );
+            assert!(flags.iter().any(|f| f == "dd"), "{flags:?}");
+        }
+        assert!(
+            locked_arena::lock_failure_reported(),
+            "the failed mlock was not reported"
+        );
+    }
+
     #[test]
     fn contents_are_zeroed_on_free() {
         for len in [1usize, 32, 33, 100, 4096, 9000] {
