@@ -594,6 +594,61 @@ fn error_chain(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AuthConfig;
+    use std::io::{Read as _, Write as _};
+
+    /// A one-shot HTTP server answering 200 with `body`, written in small
+    /// pieces, without Content-Length (the body ends when the connection
+    /// closes), so the reader cannot size its buffer up front.
+    fn serve_once(body: Vec<u8>) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut req = [0u8; 4096];
+            let _ = conn.read(&mut req);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            for piece in body.chunks(777) {
+                if conn.write_all(piece).is_err() {
+                    return;
+                }
+                let _ = conn.flush();
+            }
+        });
+        addr
+    }
+
+    fn client_for(addr: &str) -> VaultClient {
+        let cfg = KmsConfig::new(
+            vec![addr.to_string()],
+            "k",
+            AuthConfig::Token { token_file: None },
+        );
+        VaultClient::with_credentials(&cfg, Credentials::Token(SecretBytes::from_slice(b"t")))
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bodies_without_length_are_read_whole() {
+        let mut body = br#"{"version":"1.2.3","cluster_name":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'c', 100_000));
+        body.extend_from_slice(br#""}"#);
+        let addr = serve_once(body);
+        let h = client_for(&addr).node_health(&addr).await;
+        assert_eq!(h.state, NodeState::Active);
+        assert_eq!(h.version.as_deref(), Some("1.2.3"));
+        assert_eq!(h.cluster_name.map(|c| c.len()), Some(100_000));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn oversized_bodies_are_refused() {
+        let addr = serve_once(vec![b' '; MAX_RESPONSE + 4096]);
+        let h = client_for(&addr).node_health(&addr).await;
+        match h.state {
+            NodeState::Unreachable(d) => assert!(d.contains("larger than"), "{d}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
 
     #[test]
     fn multierror_is_flattened() {
