@@ -64,10 +64,23 @@ pub fn dead_address() -> Result<String> {
     Ok(format!("http://127.0.0.1:{p}"))
 }
 
-/// Writes `contents` to `dir/name` with permission bits `mode`.
+/// Writes `contents` to `dir/name` with permission bits `mode`. The file is
+/// created 0600, so the secret is never readable by others on the way.
 pub fn write_secret_file(dir: &Path, name: &str, contents: &str, mode: u32) -> Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let p = dir.join(name);
-    fs::write(&p, contents)?;
+    // Replaced, not rewritten in place, so an old mode never applies.
+    match fs::remove_file(&p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)?;
+    f.write_all(contents.as_bytes())?;
     fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
     Ok(p)
 }

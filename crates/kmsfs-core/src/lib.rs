@@ -5,6 +5,7 @@ pub mod contents;
 pub mod header;
 pub mod keys;
 pub mod layout;
+mod locked_arena;
 pub mod names;
 pub mod secret;
 pub mod xts;

@@ -14,13 +14,17 @@
 //! The configuration never holds a token or secret id, only the paths of the
 //! files holding them.
 
-use std::fs;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::atomic_file::write_atomic;
 use crate::error::{KmsError, Result};
+use crate::secret_file::{open_protected, FileRole};
+
+/// Largest configuration file accepted (real ones are a few hundred bytes).
+const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
 /// The only supported KMS kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,10 +129,24 @@ impl KmsConfig {
 
     /// Reads and validates a TOML configuration file. Errors name the file,
     /// and the line and column for malformed TOML.
+    ///
+    /// The file must be a regular file (not a symbolic link), owned by root
+    /// or the caller and not writable by group or others: whoever can change
+    /// it can send the next master key to a KMS of their choosing.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = fs::read_to_string(path).map_err(|e| KmsError::Config {
-            detail: format!("cannot read {}: {e}", path.display()),
-        })?;
+        let bad = |detail: String| KmsError::Config {
+            detail: format!("{}: {detail}", path.display()),
+        };
+        let (file, _) = open_protected(path, FileRole::Config).map_err(bad)?;
+        let mut text = String::new();
+        file.take(MAX_CONFIG_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| bad(format!("cannot read: {e}")))?;
+        if text.len() as u64 > MAX_CONFIG_FILE {
+            return Err(bad(format!(
+                "larger than {MAX_CONFIG_FILE} bytes; not a kmsfs KMS configuration"
+            )));
+        }
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -281,6 +299,7 @@ fn toml_error(text: &str, origin: &str, e: &toml::de::Error) -> KmsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
     const GOOD: &str = r#"
@@ -376,6 +395,37 @@ auth = { method = "approle", role_id = "rid", secret_id_file = "/etc/sid" }
         let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(KmsConfig::load(&p).unwrap(), c);
+    }
+
+    #[test]
+    fn load_refuses_writable_linked_or_foreign_config() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kms.toml");
+        let c = KmsConfig::parse(GOOD, "t").unwrap();
+        c.save(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(KmsConfig::load(&p).unwrap(), c, "0644 is fine");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o666)).unwrap();
+        let e = KmsConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+        assert!(e.contains(&format!("chmod go-w {}", p.display())), "{e}");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = d.path().join("link.toml");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let e = KmsConfig::load(&link).unwrap_err().to_string();
+        assert!(
+            e.contains("link.toml") && e.contains("symbolic link"),
+            "{e}"
+        );
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+            let e = KmsConfig::load(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("uid 65534") && e.contains(&format!("chown root:root {}", p.display())),
+                "{e}"
+            );
+        }
     }
 
     #[test]

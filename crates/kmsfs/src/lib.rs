@@ -10,6 +10,8 @@
 //!   ([`kmsconfig::load_kms_config`]), from the file or the environment;
 //! * [`registry`]: the list of filesystems this host created
 //!   (`registry.toml` beside the configuration);
+//! * [`hardening`]: non-dumpable, no-core-dump processes for every command
+//!   that holds a key or token;
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
 //!   `rewrap`.
 
@@ -17,6 +19,7 @@
 
 pub mod commands;
 pub mod fsheader;
+pub mod hardening;
 pub mod kmsconfig;
 pub mod registry;
 pub mod timefmt;

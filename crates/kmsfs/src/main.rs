@@ -64,7 +64,22 @@ fn init_logging() {
         .try_init();
 }
 
+/// True for commands that read a KMS token or hold a master key.
+fn holds_secrets(command: &Command) -> bool {
+    match command {
+        Command::Mount(_)
+        | Command::Kms(_)
+        | Command::Create(_)
+        | Command::Rewrap(_)
+        | Command::UnlockCheck(_) => true,
+        Command::Umount(_) | Command::Info(_) | Command::List(_) => false,
+    }
+}
+
 fn run(config: &Path, command: Command) -> anyhow::Result<()> {
+    if holds_secrets(&command) {
+        kmsfs::hardening::harden_process()?;
+    }
     match command {
         Command::Mount(a) => mount::run_mount(config, a),
         Command::Umount(a) => mount::run_umount(a),

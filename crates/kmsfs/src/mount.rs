@@ -109,7 +109,7 @@ fn serve(
     opts: &ParsedOptions,
     ready: Option<&mut ReadyPipe>,
 ) -> anyhow::Result<()> {
-    harden_process();
+    kmsfs::hardening::harden_daemon()?;
     // Before any thread exists, so every thread inherits the mask and only
     // the signal thread below sees these signals.
     let signals = block_signals();
@@ -222,36 +222,6 @@ fn check_mountpoint(mp: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The daemon holds the key: keep it out of core dumps, ptrace by other
-/// users and swap (the per-file key schedules live on the ordinary heap,
-/// so all memory is locked as it is touched), and allow one descriptor per
-/// known inode.
-fn harden_process() {
-    // SAFETY: plain prctl/setrlimit/mlockall calls with valid arguments.
-    unsafe {
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        if libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0 {
-            warn!(
-                "mlockall failed ({}); keys outside the locked key buffers may be swapped",
-                std::io::Error::last_os_error()
-            );
-        }
-        let zero = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        libc::setrlimit(libc::RLIMIT_CORE, &zero);
-        let mut nofile = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) == 0 {
-            nofile.rlim_cur = nofile.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
-        }
-    }
 }
 
 fn block_signals() -> libc::sigset_t {

@@ -11,7 +11,9 @@ pub struct ParsedOptions {
     pub read_only: bool,
     /// `allow_other`.
     pub allow_other: bool,
-    /// Kernel flags passed through (`nosuid`, `nodev`, `noexec`, ...).
+    /// Kernel flags passed through (`noexec`, `noatime`, ...), always with
+    /// `nosuid` and `nodev` unless `allow_suid_dev` and `suid` / `dev` ask
+    /// otherwise.
     pub kernel: Vec<MountOption>,
     /// `kms_timeout=SECONDS`.
     pub kms_timeout: Option<u64>,
@@ -44,9 +46,21 @@ fn is_mount8_option(opt: &str) -> bool {
         || opt.starts_with("comment=")
 }
 
+/// The opt-in that lets `suid` and `dev` through.
+pub const ALLOW_SUID_DEV: &str = "allow_suid_dev";
+
 /// Parses comma-separated option lists. Unknown options are an error that names them.
+///
+/// Mounts are `nosuid,nodev` by default, and `suid` or `dev` are refused
+/// unless [`ALLOW_SUID_DEV`] is given too: file modes and device numbers
+/// in the backing store are not authenticated, so whoever can write the
+/// backing directory could otherwise plant a set-uid root program or a
+/// device node that the mount would honour.
 pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions> {
     let mut p = ParsedOptions::default();
+    let mut suid = false;
+    let mut dev = false;
+    let mut allow_suid_dev = false;
     for list in lists {
         for opt in list
             .as_ref()
@@ -66,10 +80,11 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 ("allow_other", None) => p.allow_other = true,
                 ("no_writeback", None) => p.no_writeback = true,
                 ("writeback", None) => p.no_writeback = false,
-                ("nosuid", None) => p.kernel.push(MountOption::NoSuid),
-                ("suid", None) => p.kernel.push(MountOption::Suid),
-                ("nodev", None) => p.kernel.push(MountOption::NoDev),
-                ("dev", None) => p.kernel.push(MountOption::Dev),
+                ("nosuid", None) => suid = false,
+                ("suid", None) => suid = true,
+                ("nodev", None) => dev = false,
+                ("dev", None) => dev = true,
+                (ALLOW_SUID_DEV, None) => allow_suid_dev = true,
                 ("noexec", None) => p.kernel.push(MountOption::NoExec),
                 ("exec", None) => p.kernel.push(MountOption::Exec),
                 ("noatime", None) => p.kernel.push(MountOption::NoAtime),
@@ -86,12 +101,32 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 ("kms_config", Some(v)) if !v.is_empty() => p.kms_config = Some(PathBuf::from(v)),
                 _ => bail!(
                     "unknown mount option '{opt}' (known: ro, rw, allow_other, nosuid, nodev, \
-                     noexec, noatime, sync, no_writeback, kms_timeout=SECONDS, kms_config=PATH, and mount(8)'s \
-                     _netdev, nofail, auto, noauto, user, defaults, x-*)"
+                     noexec, noatime, sync, no_writeback, kms_timeout=SECONDS, kms_config=PATH, \
+                     allow_suid_dev, and mount(8)'s _netdev, nofail, auto, noauto, user, defaults, x-*)"
                 ),
             }
         }
     }
+    for (wanted, name) in [(suid, "suid"), (dev, "dev")] {
+        if wanted && !allow_suid_dev {
+            bail!(
+                "mount option '{name}' refused: file modes and device numbers in the backing \
+                 directory are not authenticated, so whoever can write it could plant a set-uid \
+                 program or a device node; kmsfs mounts are nosuid,nodev. If you accept that \
+                 risk, add '{ALLOW_SUID_DEV}' to the options"
+            );
+        }
+    }
+    p.kernel.push(if suid {
+        MountOption::Suid
+    } else {
+        MountOption::NoSuid
+    });
+    p.kernel.push(if dev {
+        MountOption::Dev
+    } else {
+        MountOption::NoDev
+    });
     Ok(p)
 }
 
@@ -116,6 +151,34 @@ mod tests {
         assert!(p.read_only);
         assert_eq!(p.kernel, vec![MountOption::NoSuid, MountOption::NoDev]);
         assert_eq!(p.kms_config, Some(PathBuf::from("/etc/kmsfs/other.toml")));
+    }
+
+    #[test]
+    fn nosuid_nodev_by_default() {
+        let p = parse_options(&["rw,noexec"]).unwrap();
+        assert_eq!(
+            p.kernel,
+            vec![MountOption::NoExec, MountOption::NoSuid, MountOption::NoDev]
+        );
+        let p = parse_options::<&str>(&[]).unwrap();
+        assert_eq!(p.kernel, vec![MountOption::NoSuid, MountOption::NoDev]);
+    }
+
+    #[test]
+    fn suid_and_dev_need_the_opt_in() {
+        for opts in ["suid", "dev", "rw,dev,nosuid", "suid,nodev"] {
+            let err = parse_options(&[opts]).unwrap_err().to_string();
+            assert!(err.contains(ALLOW_SUID_DEV), "{opts}: {err}");
+            assert!(err.contains("refused"), "{opts}: {err}");
+        }
+        // The opt-in may come before or after, in the same or another list.
+        let p = parse_options(&["suid", "allow_suid_dev"]).unwrap();
+        assert_eq!(p.kernel, vec![MountOption::Suid, MountOption::NoDev]);
+        let p = parse_options(&["allow_suid_dev,dev,suid"]).unwrap();
+        assert_eq!(p.kernel, vec![MountOption::Suid, MountOption::Dev]);
+        // The opt-in alone changes nothing; a later `nosuid` wins.
+        let p = parse_options(&["allow_suid_dev", "suid,nosuid"]).unwrap();
+        assert_eq!(p.kernel, vec![MountOption::NoSuid, MountOption::NoDev]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use reqwest::header::HeaderValue;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::config::KmsConfig;
 use crate::error::{KmsError, Result};
@@ -309,7 +309,10 @@ impl VaultClient {
         let url = format!("{addr}/v1/{path}");
         let mut req = self.http.request(method, &url);
         if let Some(t) = token {
-            let mut hv = HeaderValue::from_bytes(t.expose()).map_err(|_| {
+            // Shared with reqwest without a copy, and wiped when its last
+            // user drops it.
+            let shared = bytes::Bytes::from_owner(LockedBytes(t.clone()));
+            let mut hv = HeaderValue::from_maybe_shared(shared).map_err(|_| {
                 Transport::Other(
                     "the token contains characters not allowed in an HTTP header".into(),
                 )
@@ -323,17 +326,22 @@ impl VaultClient {
             }
         }
         if let Some(b) = body {
+            // The body may carry a plaintext key: hand reqwest a locked copy
+            // that is zeroized when its last user drops it.
+            let shared = bytes::Bytes::from_owner(LockedBytes(SecretBytes::from_slice(b)));
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(b.to_vec());
+                .body(shared);
         }
-        let resp = req.send().await.map_err(|e| self.classify(&e))?;
+        let mut resp = req.send().await.map_err(|e| self.classify(&e))?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| self.classify(&e))?;
-        Ok(Reply {
-            status,
-            body: Zeroizing::new(Vec::from(bytes)),
-        })
+        let body = read_body(&mut resp).await.map_err(|e| match e {
+            BodyError::Http(e) => self.classify(&e),
+            BodyError::TooLarge => Transport::Other(format!(
+                "the answer to {path} is larger than {MAX_RESPONSE} bytes"
+            )),
+        })?;
+        Ok(Reply { status, body })
     }
 
     fn classify(&self, e: &reqwest::Error) -> Transport {
@@ -451,6 +459,59 @@ impl VaultClient {
     }
 }
 
+/// Largest response body accepted; real answers are a few KiB.
+const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+
+/// A secret lent to `bytes::Bytes::from_owner`, so that buffers reqwest
+/// keeps (request bodies, header values) live in locked memory and are
+/// zeroized when dropped.
+struct LockedBytes(SecretBytes);
+
+impl AsRef<[u8]> for LockedBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.expose()
+    }
+}
+
+enum BodyError {
+    Http(reqwest::Error),
+    TooLarge,
+}
+
+/// Reads a response body (which may carry a plaintext key or a token) into
+/// zeroizing memory. The buffer grows by moving into a fresh one, never by
+/// `realloc`, which would free the old bytes without wiping them; each
+/// chunk reqwest hands over is wiped too when we are its only owner. (Copies
+/// in hyper's and rustls's own buffers are beyond our reach.)
+async fn read_body(
+    resp: &mut reqwest::Response,
+) -> std::result::Result<Zeroizing<Vec<u8>>, BodyError> {
+    let hint = resp.content_length().unwrap_or(0).min(MAX_RESPONSE as u64) as usize;
+    let mut buf = Zeroizing::new(Vec::with_capacity(hint));
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Http)? {
+        let need = buf.len() + chunk.len();
+        if need > MAX_RESPONSE {
+            wipe_chunk(chunk);
+            return Err(BodyError::TooLarge);
+        }
+        if need > buf.capacity() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(need.max(buf.capacity() * 2)));
+            bigger.extend_from_slice(&buf);
+            buf = bigger; // the old buffer is zeroized as it drops
+        }
+        buf.extend_from_slice(&chunk);
+        wipe_chunk(chunk);
+    }
+    Ok(buf)
+}
+
+/// Zeroizes a received chunk when no one else shares its memory.
+fn wipe_chunk(chunk: bytes::Bytes) {
+    if let Ok(mut owned) = chunk.try_into_mut() {
+        owned.as_mut().zeroize();
+    }
+}
+
 /// The `errors` strings of a Vault error body (or a short excerpt of a
 /// non-JSON body).
 pub(crate) fn api_errors(body: &[u8]) -> Vec<String> {
@@ -533,6 +594,61 @@ fn error_chain(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AuthConfig;
+    use std::io::{Read as _, Write as _};
+
+    /// A one-shot HTTP server answering 200 with `body`, written in small
+    /// pieces, without Content-Length (the body ends when the connection
+    /// closes), so the reader cannot size its buffer up front.
+    fn serve_once(body: Vec<u8>) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut req = [0u8; 4096];
+            let _ = conn.read(&mut req);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            for piece in body.chunks(777) {
+                if conn.write_all(piece).is_err() {
+                    return;
+                }
+                let _ = conn.flush();
+            }
+        });
+        addr
+    }
+
+    fn client_for(addr: &str) -> VaultClient {
+        let cfg = KmsConfig::new(
+            vec![addr.to_string()],
+            "k",
+            AuthConfig::Token { token_file: None },
+        );
+        VaultClient::with_credentials(&cfg, Credentials::Token(SecretBytes::from_slice(b"t")))
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bodies_without_length_are_read_whole() {
+        let mut body = br#"{"version":"1.2.3","cluster_name":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'c', 100_000));
+        body.extend_from_slice(br#""}"#);
+        let addr = serve_once(body);
+        let h = client_for(&addr).node_health(&addr).await;
+        assert_eq!(h.state, NodeState::Active);
+        assert_eq!(h.version.as_deref(), Some("1.2.3"));
+        assert_eq!(h.cluster_name.map(|c| c.len()), Some(100_000));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn oversized_bodies_are_refused() {
+        let addr = serve_once(vec![b' '; MAX_RESPONSE + 4096]);
+        let h = client_for(&addr).node_health(&addr).await;
+        match h.state {
+            NodeState::Unreachable(d) => assert!(d.contains("larger than"), "{d}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
 
     #[test]
     fn multierror_is_flattened() {

@@ -136,19 +136,85 @@ fn b64(bytes: &[u8]) -> Zeroizing<String> {
     Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
+/// Base64 of a secret, written straight into locked memory.
+fn b64_secret(secret: &SecretBytes) -> Result<SecretBytes> {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let len = base64::encoded_len(secret.len(), true).ok_or_else(|| too_big("(request)"))?;
+    let mut out = SecretBytes::zeroed(len);
+    let n = engine
+        .encode_slice(secret.expose(), out.expose_mut())
+        .map_err(|_| too_big("(request)"))?;
+    debug_assert_eq!(n, len);
+    Ok(out)
+}
+
+/// Decodes the base64 plaintext of a decrypt answer straight into locked memory.
+fn unb64_secret(path: &str, text: &str) -> Result<SecretBytes> {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let mut buf = SecretBytes::zeroed(base64::decoded_len_estimate(text.len()));
+    let n = engine
+        .decode_slice(text.as_bytes(), buf.expose_mut())
+        .map_err(|e| KmsError::Protocol {
+            path: path.to_string(),
+            detail: format!("plaintext is not base64: {e}"),
+        })?;
+    Ok(SecretBytes::from_slice(&buf.expose()[..n]))
+}
+
+fn too_big(path: &str) -> KmsError {
+    KmsError::Protocol {
+        path: path.into(),
+        detail: "the key is too large to encode".into(),
+    }
+}
+
 /// The version N of a `vault:vN:...` ciphertext.
 pub fn ciphertext_version(ciphertext: &str) -> Option<u32> {
     let rest = ciphertext.strip_prefix("vault:v")?;
     rest.split(':').next()?.parse().ok()
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Zeroizing<Vec<u8>>> {
-    serde_json::to_vec(v)
-        .map(Zeroizing::new)
-        .map_err(|e| KmsError::Protocol {
+/// A request body as JSON in locked memory. Measured first, then written
+/// into a buffer of exactly that size: a growing `Vec` would leave copies
+/// of the plaintext behind in freed heap memory.
+fn encode<T: Serialize>(v: &T) -> Result<SecretBytes> {
+    let failed = |e: serde_json::Error| KmsError::Protocol {
+        path: "(request)".into(),
+        detail: format!("cannot encode the request: {e}"),
+    };
+    let mut counter = ByteCounter(0);
+    serde_json::to_writer(&mut counter, v).map_err(failed)?;
+    let mut body = SecretBytes::zeroed(counter.0);
+    let mut out: &mut [u8] = body.expose_mut();
+    serde_json::to_writer(&mut out, v).map_err(failed)?;
+    if !out.is_empty() {
+        return Err(KmsError::Protocol {
             path: "(request)".into(),
-            detail: format!("cannot encode the request: {e}"),
-        })
+            detail: "the request encoded to a different length twice".into(),
+        });
+    }
+    Ok(body)
+}
+
+/// A writer that only counts bytes.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The text of a secret known to be ASCII (base64).
+fn secret_str(s: &SecretBytes) -> Result<&str> {
+    std::str::from_utf8(s.expose()).map_err(|_| KmsError::Protocol {
+        path: "(request)".into(),
+        detail: "base64 output is not ASCII".into(),
+    })
 }
 
 impl VaultClient {
@@ -229,14 +295,15 @@ impl VaultClient {
                 ),
             });
         }
-        let pt = b64(plaintext.expose());
+        let pt = b64_secret(plaintext)?;
         let ctx = context.map(b64);
         let body = encode(&EncryptReq {
-            plaintext: &pt,
+            plaintext: secret_str(&pt)?,
             context: ctx.as_deref().map(String::as_str),
         })?;
+        drop(pt);
         let path = self.transit("encrypt", key);
-        let reply = self.call(Method::POST, &path, Some(&body)).await?;
+        let reply = self.call(Method::POST, &path, Some(body.expose())).await?;
         self.wrapped_reply(key, &path, &reply)
     }
 
@@ -258,20 +325,12 @@ impl VaultClient {
             key_version: None,
         })?;
         let path = self.transit("decrypt", key);
-        let reply = self.call(Method::POST, &path, Some(&body)).await?;
+        let reply = self.call(Method::POST, &path, Some(body.expose())).await?;
         if reply.status != 200 {
             return Err(decrypt_error(key, &path, &reply));
         }
         let raw: RawPlaintext = parse_data(&path, &reply.body)?;
-        let bytes = Zeroizing::new(
-            base64::engine::general_purpose::STANDARD
-                .decode(raw.plaintext.as_bytes())
-                .map_err(|e| KmsError::Protocol {
-                    path: path.clone(),
-                    detail: format!("plaintext is not base64: {e}"),
-                })?,
-        );
-        Ok(SecretBytes::from_slice(&bytes))
+        unb64_secret(&path, &raw.plaintext)
     }
 
     /// Re-encrypts a ciphertext under the latest (or the given) version of
@@ -291,7 +350,7 @@ impl VaultClient {
             key_version,
         })?;
         let path = self.transit("rewrap", key);
-        let reply = self.call(Method::POST, &path, Some(&body)).await?;
+        let reply = self.call(Method::POST, &path, Some(body.expose())).await?;
         if reply.status != 200 {
             return Err(decrypt_error(key, &path, &reply));
         }
@@ -373,6 +432,25 @@ fn decrypt_error(key: &str, path: &str, reply: &super::client::Reply) -> KmsErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_bodies_are_exact_json_in_locked_memory() {
+        let key = SecretBytes::from_slice(&[0xFB; 32]);
+        let pt = b64_secret(&key).unwrap();
+        assert_eq!(secret_str(&pt).unwrap(), b64(&[0xFB; 32]).as_str());
+        let ctx = b64(b"ctx\"\\");
+        let req = EncryptReq {
+            plaintext: secret_str(&pt).unwrap(),
+            context: Some(&ctx),
+        };
+        let body = encode(&req).unwrap();
+        assert_eq!(body.expose(), serde_json::to_vec(&req).unwrap().as_slice());
+        let back = unb64_secret("p", secret_str(&pt).unwrap()).unwrap();
+        assert_eq!(back, key);
+        let e = unb64_secret("transit/decrypt/k", "not base64!").unwrap_err();
+        assert!(e.to_string().contains("transit/decrypt/k"), "{e}");
+        assert!(unb64_secret("p", "").unwrap().is_empty());
+    }
 
     #[test]
     fn parses_ciphertext_version() {
