@@ -12,7 +12,6 @@
 //!   missing key and rejected ciphertext apart;
 //! * [`atomic_file`] and [`secret_file`]: safe file writing and reading.
 
-#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod atomic_file;
