@@ -13,13 +13,18 @@
 //! * [`hardening`]: non-dumpable, no-core-dump processes for every command
 //!   that holds a key or token;
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
-//!   `rewrap`.
+//!   `rewrap`;
+//! * [`mount`], [`mount_options`], [`daemon`]: `kmsfs mount`/`umount`, the
+//!   `mount.kmsfs` helper, `-o` option parsing and the daemon start-up.
 
 #![warn(missing_docs)]
 
 pub mod commands;
+pub mod daemon;
 pub mod fsheader;
 pub mod hardening;
 pub mod kmsconfig;
+pub mod mount;
+pub mod mount_options;
 pub mod registry;
 pub mod timefmt;

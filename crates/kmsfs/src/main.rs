@@ -6,15 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kmsfs::commands::{self, CreateArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs};
-// Re-exported at the crate root so that `crate::fsheader` and
-// `crate::kmsconfig` work from `mount.rs`.
-#[allow(unused_imports)]
-use kmsfs::{fsheader, kmsconfig};
-
-// Owned by the mount/FUSE work.
-mod daemon;
-mod mount;
-mod mount_options;
+use kmsfs::{kmsconfig, mount};
 
 /// kmsfs: an encrypted directory whose key is wrapped by a KMS
 /// (HashiCorp Vault / OpenBao Transit).

@@ -109,7 +109,7 @@ fn serve(
     opts: &ParsedOptions,
     ready: Option<&mut ReadyPipe>,
 ) -> anyhow::Result<()> {
-    kmsfs::hardening::harden_daemon()?;
+    crate::hardening::harden_daemon()?;
     // Before any thread exists, so every thread inherits the mask and only
     // the signal thread below sees these signals.
     let signals = block_signals();
