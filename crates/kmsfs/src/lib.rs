@@ -9,7 +9,11 @@
 //! * [`kmsconfig`]: finding the KMS configuration
 //!   ([`kmsconfig::load_kms_config`]), from the file or the environment;
 //! * [`registry`]: the list of filesystems this host created
-//!   (`registry.toml` beside the configuration);
+//!   (`registry.toml` beside the configuration), with their key check values
+//!   ([`keycheck`]);
+//! * [`mount_checks`]: what a mount verifies before serving anything (the
+//!   header is this filesystem's, the key is the recorded one, the root
+//!   directory's names decrypt);
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
 //!   `rewrap`.
 
@@ -17,6 +21,8 @@
 
 pub mod commands;
 pub mod fsheader;
+pub mod keycheck;
 pub mod kmsconfig;
+pub mod mount_checks;
 pub mod registry;
 pub mod timefmt;
