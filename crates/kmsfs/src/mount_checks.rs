@@ -67,8 +67,9 @@ impl Expected {
     ) -> anyhow::Result<Self> {
         let reg = Registry::load(registry_file)?;
         let id = uuid_string(header_uuid);
-        let registered = match reg.by_path(cipherdir) {
-            Some(e) if !e.uuid.eq_ignore_ascii_case(&id) => bail!(
+        let registered =
+            match reg.by_path(cipherdir) {
+                Some(e) if !e.uuid.eq_ignore_ascii_case(&id) => bail!(
                 "{}: this header belongs to filesystem {id}, but this host created filesystem {} \
                  in {} (see {}): kmsfs.header was replaced, for instance by another \
                  filesystem's header. Refusing to mount; restore this directory's own \
@@ -80,9 +81,9 @@ impl Expected {
                 registry_file.display(),
                 registry_file.display()
             ),
-            Some(e) => Some(e.clone()),
-            None => reg.by_uuid(&id).cloned(),
-        };
+                Some(e) => Some(e.clone()),
+                None => reg.by_uuid(&id).cloned(),
+            };
         Ok(Expected {
             registry_file: registry_file.to_path_buf(),
             registered,
@@ -96,8 +97,14 @@ impl Expected {
         let actual = KeyCheck::of(keys);
         let recorded = self.registered.as_ref().and_then(|e| e.kcv);
         let sources = [
-            self.option.map(|k| (k, "the mount option kcv=".to_string())),
-            recorded.map(|k| (k, format!("{} (recorded at create)", self.registry_file.display()))),
+            self.option
+                .map(|k| (k, "the mount option kcv=".to_string())),
+            recorded.map(|k| {
+                (
+                    k,
+                    format!("{} (recorded at create)", self.registry_file.display()),
+                )
+            }),
         ];
         let mut pinned = false;
         for (expected, source) in sources.into_iter().flatten() {
@@ -255,7 +262,10 @@ mod tests {
         let k = keys();
         let d = backing(&k, &["a", "b"]);
         let e = err(check_root_names(d.path(), &keys()));
-        assert!(e.contains("none of the 2 entries") && e.contains("kmsfs.diriv"), "{e}");
+        assert!(
+            e.contains("none of the 2 entries") && e.contains("kmsfs.diriv"),
+            "{e}"
+        );
         let iv = d.path().join(DIR_IV_NAME);
         std::fs::remove_file(&iv).expect("rm");
         std::fs::write(&iv, [9u8; 16]).expect("iv");
@@ -270,17 +280,25 @@ mod tests {
         let d = backing(&k, &["a", &long]);
         std::fs::write(d.path().join("lost+found"), b"").expect("plant");
         let e = err(check_root_names(d.path(), &k));
-        assert!(e.contains("1 of the 3 entries") && e.contains("'lost+found'"), "{e}");
+        assert!(
+            e.contains("1 of the 3 entries") && e.contains("'lost+found'"),
+            "{e}"
+        );
         std::fs::remove_file(d.path().join("lost+found")).expect("rm");
-        let EncryptedName::Long { hashed, .. } =
-            encrypt_name(&k, &layout::read_dir_iv(File::open(d.path()).expect("o").as_fd()).expect("iv"), long.as_bytes())
-                .expect("enc")
-        else {
+        let EncryptedName::Long { hashed, .. } = encrypt_name(
+            &k,
+            &layout::read_dir_iv(File::open(d.path()).expect("o").as_fd()).expect("iv"),
+            long.as_bytes(),
+        )
+        .expect("enc") else {
             panic!("expected a long name");
         };
         std::fs::remove_file(d.path().join(layout::sidecar_name(&hashed))).expect("rm");
         let e = err(check_root_names(d.path(), &k));
-        assert!(e.contains("1 of the 2 entries") && e.contains("sidecar"), "{e}");
+        assert!(
+            e.contains("1 of the 2 entries") && e.contains("sidecar"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -316,8 +334,8 @@ mod tests {
                 kcv: None,
             },
         );
-        let e = Expected::load(&reg, Path::new("/srv/a"), &[2; 16], None)
-            .expect_err("swapped header");
+        let e =
+            Expected::load(&reg, Path::new("/srv/a"), &[2; 16], None).expect_err("swapped header");
         let e = format!("{e:#}");
         assert!(
             e.contains("/srv/a/kmsfs.header") && e.contains("another filesystem's header"),
@@ -341,7 +359,10 @@ mod tests {
             v => panic!("{v:?}"),
         }
         let by_option = Expected::load(&missing, dir, &UUID, Some(good)).expect("load");
-        assert_eq!(by_option.check_key(dir, &k).expect("match"), KeyVerdict::Pinned);
+        assert_eq!(
+            by_option.check_key(dir, &k).expect("match"),
+            KeyVerdict::Pinned
+        );
         let e = Expected::load(&missing, dir, &UUID, Some(wrong))
             .expect("load")
             .check_key(dir, &k)

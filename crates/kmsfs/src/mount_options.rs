@@ -142,7 +142,10 @@ mod tests {
             Some("7c2db665185fbea28f8bf15d867e7f75")
         );
         let err = parse_options(&["kcv=7c2d"]).unwrap_err().to_string();
-        assert!(err.contains("kcv=7c2d") && err.contains("32 hex digits"), "{err}");
+        assert!(
+            err.contains("kcv=7c2d") && err.contains("32 hex digits"),
+            "{err}"
+        );
         assert!(parse_options(&["kcv"]).is_err());
     }
 }

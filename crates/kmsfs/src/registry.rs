@@ -134,23 +134,34 @@ mod tests {
         let back = Registry::load(&p).expect("load");
         assert_eq!(back, r);
         assert_eq!(back.filesystems.len(), 2);
-        assert_eq!(back.by_path(Path::new("/a")).map(|e| e.uuid.as_str()), Some("u3"));
         assert_eq!(
-            back.by_uuid("U2").and_then(|e| e.kcv).map(|k| k.to_string()),
+            back.by_path(Path::new("/a")).map(|e| e.uuid.as_str()),
+            Some("u3")
+        );
+        assert_eq!(
+            back.by_uuid("U2")
+                .and_then(|e| e.kcv)
+                .map(|k| k.to_string()),
             Some("000102030405060708090a0b0c0d0e0f".into())
         );
         assert!(back.by_path(Path::new("/c")).is_none());
         // Entries written before the key check value existed still load.
         std::fs::write(&p, "[[filesystem]]\npath = \"/x\"\nuuid = \"u\"\n").expect("write");
-        assert_eq!(Registry::load(&p).expect("old entry").filesystems[0].kcv, None);
+        assert_eq!(
+            Registry::load(&p).expect("old entry").filesystems[0].kcv,
+            None
+        );
     }
 
     #[test]
     fn malformed_key_check_names_file_and_line() {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("registry.toml");
-        std::fs::write(&p, "[[filesystem]]\npath = \"/x\"\nuuid = \"u\"\nkcv = \"abc\"\n")
-            .expect("write");
+        std::fs::write(
+            &p,
+            "[[filesystem]]\npath = \"/x\"\nuuid = \"u\"\nkcv = \"abc\"\n",
+        )
+        .expect("write");
         let e = Registry::load(&p).expect_err("bad kcv").to_string();
         assert!(
             e.contains("registry.toml") && e.contains("line 4") && e.contains("hex digits"),

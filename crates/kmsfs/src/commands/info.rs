@@ -36,7 +36,12 @@ pub fn run_info(config_path: &Path, args: InfoArgs) -> anyhow::Result<()> {
     let h = hdr.unverified();
     let path = absolute(&args.cipherdir)?;
     let id = uuid_string(&h.uuid);
-    let registry = Registry::load(&registry_path(config_path))?;
+    // The registry only adds the recorded key check value: a broken one
+    // must not stop the header from being shown.
+    let registry = Registry::load(&registry_path(config_path)).unwrap_or_else(|e| {
+        eprintln!("kmsfs: warning: {e:#} (the recorded key check value cannot be shown)");
+        Registry::default()
+    });
     if let Some(e) = registry
         .by_path(&path)
         .filter(|e| !e.uuid.eq_ignore_ascii_case(&id))
