@@ -458,6 +458,14 @@ async fn a_decrypt_only_token_mounts_but_cannot_create() {
     fs::write(plain.join("written-by-mount-host"), b"yes").expect("write");
     env.umount(&plain).await;
 
+    // The checks that wrap a probe (and read the key) fail on such a host.
+    let check = host.run_async(&["kms", "check"]).await.failed();
+    assert!(
+        check.stdout.lines().any(|l| l.contains("FAIL") && l.contains("probe")),
+        "{}",
+        check.stdout
+    );
+
     let target = env.path("new-fs");
     let run = host.run_async(&["create", s(&target)]).await.failed();
     assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
@@ -466,4 +474,31 @@ async fn a_decrypt_only_token_mounts_but_cannot_create() {
         "a failed create left {}",
         target.display()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_header_after_a_rewrap_mounts_until_the_old_version_is_retired() {
+    let env = Env::new().await;
+    let (cipher, plain, _) = env.create("replay").await;
+    let _guard = CliMountGuard(plain.clone());
+    env.populate(&cipher, &plain, &["kept"]).await;
+    let old = fs::read(cipher.join("kmsfs.header")).expect("header");
+    env.server.rotate_key(KEY).await.expect("rotate");
+    env.creator.run_async(&["rewrap", s(&cipher)]).await.ok();
+    assert_ne!(fs::read(cipher.join("kmsfs.header")).expect("new"), old);
+
+    // Not detected: the old header holds the same master key (same key
+    // check value), and the KMS still decrypts key version 1.
+    fs::write(cipher.join("kmsfs.header"), &old).expect("replay");
+    env.mount(&env.creator, &cipher, &plain, &[]).await.ok();
+    assert_eq!(fs::read(plain.join("kept")).expect("read"), b"kept");
+    env.umount(&plain).await;
+
+    // Retiring version 1 on the KMS is what makes the old header useless.
+    env.server
+        .set_min_decryption_version(KEY, 2)
+        .await
+        .expect("retire v1");
+    let run = env.mount(&env.creator, &cipher, &plain, &[]).await;
+    assert_refused(&run, &cipher, &plain, &["KMS rejected the wrapped key"]);
 }
