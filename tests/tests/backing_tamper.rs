@@ -73,7 +73,9 @@ fn a_zeroed_unit_reads_as_zeros_and_a_changed_unit_as_other_bytes() {
     let f = s.backing(&s.cipher, "f");
 
     // Zeroed ciphertext is a hole: unit 1 reads as zeros, without an error.
-    edit(&f, |b| b[FILE_HEADER + UNIT..FILE_HEADER + 2 * UNIT].fill(0));
+    edit(&f, |b| {
+        b[FILE_HEADER + UNIT..FILE_HEADER + 2 * UNIT].fill(0)
+    });
     let back = s.with_mount(|p| fs::read(p.join("f")).expect("read"));
     assert_eq!(&back[UNIT..2 * UNIT], &[0u8; UNIT][..]);
     assert_eq!(&back[..UNIT], &data[..UNIT]);
@@ -165,7 +167,10 @@ fn entries_swapped_in_a_directory_are_not_detected_moved_ones_vanish() {
             fs::read(p.join("y")).expect("y"),
         )
     });
-    assert_eq!((xr.as_slice(), yr.as_slice()), (&b"y's data"[..], &b"x's data"[..]));
+    assert_eq!(
+        (xr.as_slice(), yr.as_slice()),
+        (&b"y's data"[..], &b"x's data"[..])
+    );
 
     // Moved into another directory, its name no longer decrypts (the
     // directory IV is associated data): it is not shown there.
@@ -189,7 +194,10 @@ fn swapped_symlink_targets_are_not_detected() {
         std::os::unix::fs::symlink("/target/two", p.join("l2")).expect("l2");
     });
     let (l1, l2) = (s.backing(&s.cipher, "l1"), s.backing(&s.cipher, "l2"));
-    let (t1, t2) = (fs::read_link(&l1).expect("t1"), fs::read_link(&l2).expect("t2"));
+    let (t1, t2) = (
+        fs::read_link(&l1).expect("t1"),
+        fs::read_link(&l2).expect("t2"),
+    );
     fs::remove_file(&l1).expect("rm");
     fs::remove_file(&l2).expect("rm");
     std::os::unix::fs::symlink(&t2, &l1).expect("l1");
