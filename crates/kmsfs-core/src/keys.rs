@@ -7,7 +7,8 @@
 //!        │     └─ per file: HKDF-Expand(root, "kmsfs v1 file" ‖ nonce) → 64-byte XTS key
 //!        ├─ "kmsfs v1 names"      → 64-byte AES-256-SIV key
 //!        ├─ "kmsfs v1 symlinks"   → 32-byte AES-256-GCM key
-//!        └─ "kmsfs v1 header mac" → 32-byte HMAC-SHA256 key
+//!        ├─ "kmsfs v1 header mac" → 32-byte HMAC-SHA256 key
+//!        └─ "kmsfs v1 key check"  → 16-byte key check value (not a key)
 //! ```
 //!
 //! Salting with the UUID means two filesystems that somehow shared a master
@@ -28,6 +29,10 @@ const LABEL_FILE: &[u8] = b"kmsfs v1 file";
 const LABEL_NAMES: &[u8] = b"kmsfs v1 names";
 const LABEL_SYMLINKS: &[u8] = b"kmsfs v1 symlinks";
 const LABEL_HEADER_MAC: &[u8] = b"kmsfs v1 header mac";
+const LABEL_KEY_CHECK: &[u8] = b"kmsfs v1 key check";
+
+/// Length of the key check value in bytes.
+pub const KEY_CHECK_LEN: usize = 16;
 
 /// The filesystem master key: the one secret the KMS wraps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +81,7 @@ pub struct FsKeys {
     names: SecretBytes,
     symlinks: SecretBytes,
     header_mac: SecretBytes,
+    key_check: [u8; KEY_CHECK_LEN],
 }
 
 impl FsKeys {
@@ -94,7 +100,21 @@ impl FsKeys {
             names: expand(LABEL_NAMES, 64),
             symlinks: expand(LABEL_SYMLINKS, 32),
             header_mac: expand(LABEL_HEADER_MAC, 32),
+            key_check: {
+                let mut kcv = [0u8; KEY_CHECK_LEN];
+                hk.expand(LABEL_KEY_CHECK, &mut kcv)
+                    .expect("HKDF output length is within limits");
+                kcv
+            },
         }
+    }
+
+    /// The key check value: identifies the master key (and UUID) without
+    /// revealing it, so a host can recognise a key it has seen before. It
+    /// is an HKDF output under its own label, independent of every subkey,
+    /// and so not secret.
+    pub fn key_check(&self) -> [u8; KEY_CHECK_LEN] {
+        self.key_check
     }
 
     /// The AES-256-XTS cipher of the file with this nonce (fscrypt v2 style:
@@ -153,6 +173,64 @@ mod tests {
             }
         }
         assert_ne!(a.header_mac.expose(), b.header_mac.expose());
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn key_check_is_deterministic_and_bound_to_key_and_uuid() {
+        let m = MasterKey::generate().unwrap();
+        let same = MasterKey::from_secret(SecretBytes::from_slice(m.expose())).unwrap();
+        let other = MasterKey::generate().unwrap();
+        let a = FsKeys::derive(&m, &[1; 16]);
+        assert_eq!(a.key_check(), FsKeys::derive(&same, &[1; 16]).key_check());
+        assert_ne!(a.key_check(), FsKeys::derive(&other, &[1; 16]).key_check());
+        assert_ne!(a.key_check(), FsKeys::derive(&m, &[2; 16]).key_check());
+        assert_ne!(a.key_check(), [0u8; KEY_CHECK_LEN]);
+    }
+
+    #[test]
+    fn key_check_is_no_part_of_any_key() {
+        let m = MasterKey::generate().unwrap();
+        let k = FsKeys::derive(&m, &[3; 16]);
+        let kcv = k.key_check();
+        for key in [
+            m.expose(),
+            k.contents_root.expose(),
+            k.names.expose(),
+            k.symlinks.expose(),
+            k.header_mac.expose(),
+        ] {
+            assert!(
+                !key.windows(KEY_CHECK_LEN).any(|w| w == kcv),
+                "the key check value appears inside a key"
+            );
+        }
+        // Nor a prefix of a per-file key (the expansion of another label
+        // with the same PRK would start with the same bytes).
+        let mut file_key = SecretBytes::zeroed(64);
+        Hkdf::<Sha256>::from_prk(k.contents_root.expose())
+            .unwrap()
+            .expand(LABEL_FILE, file_key.expose_mut())
+            .unwrap();
+        assert!(!file_key.expose().windows(KEY_CHECK_LEN).any(|w| w == kcv));
+    }
+
+    /// The value docs/format.md section 2 gives for the worked example's
+    /// master key (00 01 .. 1f) and UUID.
+    #[test]
+    fn key_check_worked_example() {
+        let master: Vec<u8> = (0u8..32).collect();
+        let m = MasterKey::from_secret(SecretBytes::new(master)).unwrap();
+        let uuid = [
+            0x6b, 0x6d, 0x73, 0x66, 0x73, 0x2d, 0x40, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x01,
+        ];
+        let kcv = FsKeys::derive(&m, &uuid).key_check();
+        println!("{}", hex(&kcv));
+        assert_eq!(hex(&kcv), "7c2db665185fbea28f8bf15d867e7f75");
     }
 
     #[test]

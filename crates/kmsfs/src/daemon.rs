@@ -5,6 +5,8 @@
 //! `kmsfs mount` re-executes itself in the foreground mode with the write
 //! end of a pipe. The child writes `OK` once the filesystem answers, or
 //! `ERR <message>`; the parent prints the message and exits accordingly.
+//! Before either, `WARN <message>` lines are printed by the parent as
+//! warnings (the daemon's own stderr goes nowhere).
 
 use anyhow::{bail, Context};
 use std::ffi::{CString, OsString};
@@ -38,10 +40,18 @@ pub fn spawn_and_wait(args: Vec<OsString>) -> anyhow::Result<()> {
     }
     let mut child = cmd.spawn().context("starting the mount daemon")?;
     drop(write_end);
+    let mut reader = BufReader::new(File::from(read_end));
     let mut line = String::new();
-    BufReader::new(File::from(read_end))
-        .read_line(&mut line)
-        .context("waiting for the mount daemon")?;
+    loop {
+        line.clear();
+        reader
+            .read_line(&mut line)
+            .context("waiting for the mount daemon")?;
+        match line.trim_end().strip_prefix("WARN ") {
+            Some(msg) => eprintln!("kmsfs: warning: {msg}"),
+            None => break,
+        }
+    }
     let line = line.trim_end();
     if line == "OK" {
         return Ok(());
@@ -73,6 +83,15 @@ impl ReadyPipe {
     pub fn ok(&mut self) {
         if let Some(mut f) = self.0.take() {
             let _ = f.write_all(b"OK\n");
+        }
+    }
+
+    /// Passes a warning to the parent, which prints it (any number of
+    /// times, before [`ReadyPipe::ok`] or [`ReadyPipe::fail`]).
+    pub fn warn(&mut self, msg: &str) {
+        if let Some(f) = self.0.as_mut() {
+            let one_line = msg.replace('\n', "; ");
+            let _ = writeln!(f, "WARN {one_line}");
         }
     }
 

@@ -9,7 +9,11 @@
 //! * [`kmsconfig`]: finding the KMS configuration
 //!   ([`kmsconfig::load_kms_config`]), from the file or the environment;
 //! * [`registry`]: the list of filesystems this host created
-//!   (`registry.toml` beside the configuration);
+//!   (`registry.toml` beside the configuration), with their key check values
+//!   ([`keycheck`]);
+//! * [`mount_checks`]: what a mount verifies before serving anything (the
+//!   header is this filesystem's, the key is the recorded one, the root
+//!   directory's names decrypt);
 //! * [`hardening`]: non-dumpable, no-core-dump processes for every command
 //!   that holds a key or token;
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
@@ -23,8 +27,10 @@ pub mod commands;
 pub mod daemon;
 pub mod fsheader;
 pub mod hardening;
+pub mod keycheck;
 pub mod kmsconfig;
 pub mod mount;
+pub mod mount_checks;
 pub mod mount_options;
 pub mod registry;
 pub mod timefmt;

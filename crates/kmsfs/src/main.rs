@@ -77,7 +77,7 @@ fn run(config: &Path, command: Command) -> anyhow::Result<()> {
         Command::Umount(a) => mount::run_umount(a),
         Command::Kms(a) => commands::run_kms(config, a),
         Command::Create(a) => commands::run_create(config, a),
-        Command::Info(a) => commands::run_info(a),
+        Command::Info(a) => commands::run_info(config, a),
         Command::List(a) => commands::run_list(config, a),
         Command::Rewrap(a) => commands::run_rewrap(config, a),
         Command::UnlockCheck(a) => commands::run_unlock_check(config, a),

@@ -2,6 +2,7 @@
 
 use crate::daemon::{self, ReadyPipe, SyslogWriter};
 use crate::fsheader;
+use crate::mount_checks::{self, Expected, KeyVerdict};
 use crate::mount_options::{parse_options, ParsedOptions};
 use anyhow::{anyhow, bail, Context};
 use kmsfs_core::keys::FsKeys;
@@ -125,11 +126,35 @@ fn serve(
     let cfg_path = opts.kms_config.as_deref().unwrap_or(config_path);
     let cfg = crate::kmsconfig::load_kms_config(cfg_path)?;
     let header = fsheader::read_header(&cipherdir)?;
+    // What this host recorded at create (or was told with -o kcv=); a
+    // header from another registered filesystem is refused before the KMS
+    // is even asked.
+    let expected = Expected::load(
+        &crate::kmsconfig::registry_path(cfg_path),
+        &cipherdir,
+        &header.unverified().uuid,
+        opts.kcv,
+    )?;
     let timeout = args
         .kms_timeout
         .or(opts.kms_timeout)
         .unwrap_or(DEFAULT_KMS_TIMEOUT);
     let keys = unlock_with_retry(&cfg, &cipherdir, header, Duration::from_secs(timeout))?;
+    // A valid MAC only proves the header carries a key its writer knew:
+    // check that it is this filesystem's key before serving anything.
+    let verdict = expected.check_key(&cipherdir, &keys)?;
+    let checked = mount_checks::check_root_names(&cipherdir, &keys)?;
+    let mut ready = ready;
+    if let KeyVerdict::Unpinned(warning) = verdict {
+        warn!("{warning}");
+        if let Some(r) = ready.as_deref_mut() {
+            r.warn(&warning);
+        }
+    }
+    info!(
+        "{}: the {checked} root directory names decrypt",
+        cipherdir.display()
+    );
     let settings = MountSettings {
         read_only: opts.read_only,
         allow_other: opts.allow_other,

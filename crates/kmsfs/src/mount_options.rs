@@ -1,5 +1,6 @@
 //! Parsing of `-o` mount options, from the command line or /etc/fstab.
 
+use crate::keycheck::KeyCheck;
 use anyhow::{bail, Context};
 use kmsfs_fuse::MountOption;
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ pub struct ParsedOptions {
     pub kms_config: Option<PathBuf>,
     /// `no_writeback`: no kernel writeback cache (`writeback` turns it back on).
     pub no_writeback: bool,
+    /// `kcv=HEX`: the key check value the unwrapped master key must have
+    /// (for hosts that did not create the filesystem).
+    pub kcv: Option<KeyCheck>,
 }
 
 /// Options mount(8), systemd and fstab conventions add that concern the
@@ -99,10 +103,15 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                     )
                 }
                 ("kms_config", Some(v)) if !v.is_empty() => p.kms_config = Some(PathBuf::from(v)),
+                ("kcv", Some(v)) => {
+                    p.kcv = Some(v.parse().map_err(|e: String| {
+                        anyhow::anyhow!("mount option kcv={v}: {e}")
+                    })?)
+                }
                 _ => bail!(
                     "unknown mount option '{opt}' (known: ro, rw, allow_other, nosuid, nodev, \
                      noexec, noatime, sync, no_writeback, kms_timeout=SECONDS, kms_config=PATH, \
-                     allow_suid_dev, and mount(8)'s _netdev, nofail, auto, noauto, user, defaults, x-*)"
+                     kcv=HEX, allow_suid_dev, and mount(8)'s _netdev, nofail, auto, noauto, user, defaults, x-*)"
                 ),
             }
         }
@@ -186,5 +195,20 @@ mod tests {
         let err = parse_options(&["rw,frobnicate"]).unwrap_err().to_string();
         assert!(err.contains("'frobnicate'"), "{err}");
         assert!(parse_options(&["kms_timeout=soon"]).is_err());
+    }
+
+    #[test]
+    fn key_check_value_option() {
+        let p = parse_options(&["ro,kcv=7C2DB665185FBEA28F8BF15D867E7F75"]).unwrap();
+        assert_eq!(
+            p.kcv.map(|k| k.to_string()).as_deref(),
+            Some("7c2db665185fbea28f8bf15d867e7f75")
+        );
+        let err = parse_options(&["kcv=7c2d"]).unwrap_err().to_string();
+        assert!(
+            err.contains("kcv=7c2d") && err.contains("32 hex digits"),
+            "{err}"
+        );
+        assert!(parse_options(&["kcv"]).is_err());
     }
 }

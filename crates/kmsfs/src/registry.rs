@@ -5,10 +5,12 @@
 //! [[filesystem]]
 //! path = "/srv/secret"
 //! uuid = "6b6d7366-732d-4000-8000-000000000001"
+//! kcv = "7c2db665185fbea28f8bf15d867e7f75"
 //! ```
 //!
 //! `kmsfs create` adds an entry, `kmsfs list`, `kmsfs rewrap --all` and
-//! `kmsfs kms check` read it, `kmsfs kms unset` refuses to run while it has
+//! `kmsfs kms check` read it, `kmsfs mount` checks the header's UUID and
+//! the unwrapped key's check value (`kcv`) against it, `kmsfs kms unset` refuses to run while it has
 //! entries. A missing registry is an empty one. The file holds no secret;
 //! it is written atomically with mode 0600 like the configuration.
 
@@ -16,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+
+use crate::keycheck::KeyCheck;
 
 /// File name of the registry, in the configuration's directory.
 pub const REGISTRY_FILE_NAME: &str = "registry.toml";
@@ -28,6 +32,10 @@ pub struct Entry {
     pub path: PathBuf,
     /// Filesystem UUID, hyphenated.
     pub uuid: String,
+    /// Key check value of the master key, recorded at create (absent in
+    /// entries written before kmsfs recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kcv: Option<KeyCheck>,
 }
 
 /// The registry contents.
@@ -79,6 +87,18 @@ impl Registry {
         self.filesystems.push(entry);
     }
 
+    /// The entry for the backing directory `path` (absolute, canonical).
+    pub fn by_path(&self, path: &Path) -> Option<&Entry> {
+        self.filesystems.iter().find(|e| e.path == path)
+    }
+
+    /// The entry for the filesystem `uuid` (hyphenated), wherever it is now.
+    pub fn by_uuid(&self, uuid: &str) -> Option<&Entry> {
+        self.filesystems
+            .iter()
+            .find(|e| e.uuid.eq_ignore_ascii_case(uuid))
+    }
+
     /// True when no filesystem is registered.
     pub fn is_empty(&self) -> bool {
         self.filesystems.is_empty()
@@ -98,19 +118,55 @@ mod tests {
         r.add(Entry {
             path: "/a".into(),
             uuid: "u1".into(),
+            kcv: None,
         });
         r.add(Entry {
             path: "/b".into(),
             uuid: "u2".into(),
+            kcv: Some("000102030405060708090a0b0c0d0e0f".parse().expect("kcv")),
         });
         r.add(Entry {
             path: "/a".into(),
             uuid: "u3".into(),
+            kcv: None,
         });
         r.save(&p).expect("save");
         let back = Registry::load(&p).expect("load");
         assert_eq!(back, r);
         assert_eq!(back.filesystems.len(), 2);
+        assert_eq!(
+            back.by_path(Path::new("/a")).map(|e| e.uuid.as_str()),
+            Some("u3")
+        );
+        assert_eq!(
+            back.by_uuid("U2")
+                .and_then(|e| e.kcv)
+                .map(|k| k.to_string()),
+            Some("000102030405060708090a0b0c0d0e0f".into())
+        );
+        assert!(back.by_path(Path::new("/c")).is_none());
+        // Entries written before the key check value existed still load.
+        std::fs::write(&p, "[[filesystem]]\npath = \"/x\"\nuuid = \"u\"\n").expect("write");
+        assert_eq!(
+            Registry::load(&p).expect("old entry").filesystems[0].kcv,
+            None
+        );
+    }
+
+    #[test]
+    fn malformed_key_check_names_file_and_line() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("registry.toml");
+        std::fs::write(
+            &p,
+            "[[filesystem]]\npath = \"/x\"\nuuid = \"u\"\nkcv = \"abc\"\n",
+        )
+        .expect("write");
+        let e = Registry::load(&p).expect_err("bad kcv").to_string();
+        assert!(
+            e.contains("registry.toml") && e.contains("line 4") && e.contains("hex digits"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::os::fd::AsFd;
 
 use crate::commands::{absolute, client, runtime, uuid_string};
 use crate::fsheader::{header_path, slot_context, write_header};
+use crate::keycheck::KeyCheck;
 use crate::kmsconfig::{load_kms_config, registry_path};
 use crate::registry::{Entry, Registry};
 use crate::timefmt::now_secs;
@@ -77,7 +78,8 @@ fn roll_back(dir: &Path, created_dir: bool) {
     }
 }
 
-/// Creates the filesystem; prints its UUID.
+/// Creates the filesystem; prints its UUID on stdout, and its key check
+/// value (not secret) on stderr for pinning on other hosts.
 pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
     let dir = args.cipherdir.clone();
     let existed = check_target(&dir)?;
@@ -113,6 +115,7 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
             )
         })?;
     let keys = FsKeys::derive(&master, &uuid);
+    let kcv = KeyCheck::of(&keys);
     let header = Header {
         features: 0,
         uuid,
@@ -153,13 +156,15 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
         reg.add(Entry {
             path: abs.clone(),
             uuid: id.clone(),
+            kcv: Some(kcv),
         });
         reg.save(&reg_path)
     });
     if let Err(e) = registered {
         eprintln!(
             "kmsfs: warning: filesystem created but not registered in {}: {e:#} \
-             (`kmsfs list`, `rewrap --all` and `kms check` will not know it)",
+             (`kmsfs list`, `rewrap --all` and `kms check` will not know it, and mounts \
+             here need -o kcv={kcv} to detect a replaced header)",
             reg_path.display()
         );
     }
@@ -168,6 +173,10 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
         abs.display(),
         header.slots[0].key_version,
         if derived { ", derived" } else { "" }
+    );
+    eprintln!(
+        "key check value: {kcv} (not secret; on hosts that mount it without having created it, \
+         add -o kcv={kcv} so that a replaced kmsfs.header is refused)"
     );
     println!("{id}");
     Ok(())

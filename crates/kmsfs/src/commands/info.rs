@@ -7,7 +7,8 @@ use serde_json::json;
 
 use crate::commands::{absolute, client, print_json, runtime, uuid_string};
 use crate::fsheader::{read_header, unlock};
-use crate::kmsconfig::load_kms_config;
+use crate::kmsconfig::{load_kms_config, registry_path};
+use crate::registry::Registry;
 use crate::timefmt::rfc3339_utc;
 
 /// Arguments of `kmsfs info`.
@@ -28,11 +29,35 @@ pub struct UnlockCheckArgs {
 }
 
 /// Prints what the header says, without the KMS (nothing is authenticated
-/// yet: the MAC needs the KMS).
-pub fn run_info(args: InfoArgs) -> anyhow::Result<()> {
+/// yet: the MAC needs the KMS), and the key check value this host recorded
+/// at create, from the registry beside `config_path`.
+pub fn run_info(config_path: &Path, args: InfoArgs) -> anyhow::Result<()> {
     let hdr = read_header(&args.cipherdir)?;
     let h = hdr.unverified();
     let path = absolute(&args.cipherdir)?;
+    let id = uuid_string(&h.uuid);
+    // The registry only adds the recorded key check value: a broken one
+    // must not stop the header from being shown.
+    let registry = Registry::load(&registry_path(config_path)).unwrap_or_else(|e| {
+        eprintln!("kmsfs: warning: {e:#} (the recorded key check value cannot be shown)");
+        Registry::default()
+    });
+    if let Some(e) = registry
+        .by_path(&path)
+        .filter(|e| !e.uuid.eq_ignore_ascii_case(&id))
+    {
+        eprintln!(
+            "kmsfs: warning: this host created filesystem {} in {}, but its kmsfs.header is \
+             filesystem {id}'s: the header was replaced, and a mount will refuse it",
+            e.uuid,
+            path.display()
+        );
+    }
+    let recorded = registry
+        .by_path(&path)
+        .filter(|e| e.uuid.eq_ignore_ascii_case(&id))
+        .or_else(|| registry.by_uuid(&id))
+        .and_then(|e| e.kcv);
     let slot0 = h
         .slots
         .first()
@@ -63,6 +88,7 @@ pub fn run_info(args: InfoArgs) -> anyhow::Result<()> {
         "created": rfc3339_utc(h.created),
         "slot_count": h.slots.len(),
         "slots": slots,
+        "key_check_value": recorded.map(|k| k.to_string()),
     });
     if args.json {
         return print_json(&v);
@@ -88,6 +114,10 @@ pub fn run_info(args: InfoArgs) -> anyhow::Result<()> {
         );
     }
     println!("kms_key_version:  {}", slot0.key_version);
+    match recorded {
+        Some(k) => println!("key check value:  {k} (recorded on this host at create)"),
+        None => println!("key check value:  not recorded on this host"),
+    }
     Ok(())
 }
 
