@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kmsfs::commands::{self, CreateArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs};
+use kmsfs::commands::{self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs};
 // Re-exported at the crate root so that `crate::fsheader` and
 // `crate::kmsconfig` work from `mount.rs`.
 #[allow(unused_imports)]
@@ -48,6 +48,8 @@ enum Command {
     Info(InfoArgs),
     /// List the filesystems created on this host.
     List(ListArgs),
+    /// Check a filesystem offline (exit 0 clean, 1 repaired, 4 errors left, 8 could not run).
+    Fsck(FsckArgs),
     /// Re-wrap filesystem keys with the newest KMS key version, or another key.
     Rewrap(RewrapArgs),
     /// Unlock a filesystem with the KMS and verify its header; prints "ok".
@@ -72,6 +74,7 @@ fn run(config: &Path, command: Command) -> anyhow::Result<()> {
         Command::Create(a) => commands::run_create(config, a),
         Command::Info(a) => commands::run_info(a),
         Command::List(a) => commands::run_list(config, a),
+        Command::Fsck(a) => commands::run_fsck(config, a),
         Command::Rewrap(a) => commands::run_rewrap(config, a),
         Command::UnlockCheck(a) => commands::run_unlock_check(config, a),
     }
