@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kmsfs::commands::{self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs};
+use kmsfs::commands::{
+    self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs,
+};
 // Re-exported at the crate root so that `crate::fsheader` and
 // `crate::kmsconfig` work from `mount.rs`.
 #[allow(unused_imports)]

@@ -79,20 +79,19 @@ fn check(config_path: &Path, args: &FsckArgs) -> anyhow::Result<Report> {
     let root = sys::open_root(&cipherdir)
         .with_context(|| format!("cannot open the backing directory {}", cipherdir.display()))?;
     // `read_header` reads by path: refuse a planted symlink or FIFO first.
-    sys::open_file(std::os::fd::AsFd::as_fd(&root), HEADER_FILE_NAME.as_bytes())
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                anyhow::anyhow!(
-                    "not a kmsfs filesystem: {} not found",
-                    cipherdir.join(HEADER_FILE_NAME).display()
-                )
-            } else {
-                anyhow::anyhow!(
-                    "{}: {e}; restore it from a backup",
-                    cipherdir.join(HEADER_FILE_NAME).display()
-                )
-            }
-        })?;
+    sys::open_file(std::os::fd::AsFd::as_fd(&root), HEADER_FILE_NAME.as_bytes()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow::anyhow!(
+                "not a kmsfs filesystem: {} not found",
+                cipherdir.join(HEADER_FILE_NAME).display()
+            )
+        } else {
+            anyhow::anyhow!(
+                "{}: {e}; restore it from a backup",
+                cipherdir.join(HEADER_FILE_NAME).display()
+            )
+        }
+    })?;
     let hdr = read_header(&cipherdir)?;
     let cfg = load_kms_config(config_path)?;
     let client = client(&cfg)?;

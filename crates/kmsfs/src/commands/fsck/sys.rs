@@ -69,7 +69,7 @@ pub fn open_file(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<(File, u64)> {
     if !meta.file_type().is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "changed into something other than a regular file while being checked",
+            "is not a regular file",
         ));
     }
     Ok((f, meta.len()))

@@ -336,7 +336,8 @@ impl<'a> Walker<'a> {
             match layout::remove_sidecar(dir.fd, &long) {
                 Ok(()) => {
                     p.repaired = true;
-                    p.detail = format!("sidecar of a long name, but {hashed} does not exist; removed");
+                    p.detail =
+                        format!("sidecar of a long name, but {hashed} does not exist; removed");
                 }
                 Err(e) => p.detail.push_str(&format!(" (removing it failed: {e})")),
             }
