@@ -539,6 +539,29 @@ async fn fsck_reports_each_kind_of_damage_by_path() {
         run.stdout
     );
 
+    // A planted tree nested deeper than the walker goes: reported, and the
+    // check does not run out of stack or descriptors.
+    let c = env.copy();
+    let deep: PathBuf = std::iter::repeat_n("a", 1001).collect();
+    fs::create_dir_all(c.join(&deep)).unwrap();
+    let v = env.fsck_json(&c, &[], LEFT).await;
+    let io = of_kind(&v, "io");
+    assert_eq!(io.len(), 1, "{v:#}");
+    assert!(
+        io[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("deeper than 1000"),
+        "{v:#}"
+    );
+    // Only the top name can be tried: below it there is no IV to decrypt with.
+    assert_eq!(of_kind(&v, "name").len(), 1, "{v:#}");
+    assert_eq!(
+        of_kind(&v, "dir_iv").len(),
+        1000,
+        "one missing IV per level walked"
+    );
+
     // The pristine tree was never touched.
     env.fsck_json(&env.pristine.clone(), &[], CLEAN).await;
 

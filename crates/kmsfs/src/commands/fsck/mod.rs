@@ -29,6 +29,8 @@ use report::{operational_json, Report, EXIT_CLEAN, EXIT_OPERATIONAL};
 const QUEUE: usize = 64;
 /// At most this many reader threads.
 const MAX_WORKERS: usize = 4;
+/// Stack of the walker thread (reserved, not committed, until used).
+const WALK_STACK: usize = 256 << 20;
 
 /// Arguments of `kmsfs fsck`.
 #[derive(Debug, clap::Args)]
@@ -97,7 +99,7 @@ fn check(config_path: &Path, args: &FsckArgs) -> anyhow::Result<Report> {
     let client = client(&cfg)?;
     let (_header, keys, master) = runtime()?.block_on(unlock(&client, &cipherdir, hdr))?;
     drop(master);
-    Ok(check_tree(&keys, &root, &cipherdir, args.repair))
+    check_tree(&keys, &root, &cipherdir, args.repair)
 }
 
 /// Checks the tree below `root` with the filesystem's keys.
@@ -106,7 +108,7 @@ fn check_tree(
     root: &std::os::fd::OwnedFd,
     cipherdir: &Path,
     repair: bool,
-) -> Report {
+) -> anyhow::Result<Report> {
     let sink = files::Sink::default();
     let workers = std::thread::available_parallelism()
         .map_or(1, usize::from)
@@ -117,19 +119,29 @@ fn check_tree(
         for _ in 0..workers {
             s.spawn(|| files::worker(&rx, &sink));
         }
-        let mut walker = walk::Walker::new(keys, &sink, tx, repair);
-        walker.walk_root(root, cipherdir);
-        // Dropping the walker closes the channel: the workers finish the
-        // queue and stop.
-        walker.counts
-    });
+        // The walk recurses once per directory level (at most
+        // `walk::MAX_DEPTH`): give it a stack that holds that many frames.
+        let walk = std::thread::Builder::new()
+            .name("fsck-walk".into())
+            .stack_size(WALK_STACK)
+            .spawn_scoped(s, || {
+                let mut walker = walk::Walker::new(keys, &sink, tx, repair);
+                walker.walk_root(root, cipherdir);
+                // Dropping the walker closes the channel: the workers
+                // finish the queue and stop.
+                walker.counts
+            })
+            .context("cannot start the walker thread")?;
+        walk.join()
+            .map_err(|_| anyhow::anyhow!("the walker thread panicked"))
+    })?;
     let (mut problems, bytes) = sink.into_parts();
     problems.sort_by(|a, b| a.backing.cmp(&b.backing).then(a.kind.cmp(&b.kind)));
     let mut counts = counts;
     counts.bytes = bytes;
-    Report {
+    Ok(Report {
         cipherdir: cipherdir.to_path_buf(),
         problems,
         counts,
-    }
+    })
 }

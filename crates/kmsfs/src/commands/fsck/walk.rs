@@ -22,12 +22,17 @@ use super::report::{Counts, Problem, ProblemKind};
 use super::sys::{self, Kind};
 use crate::fsheader::HEADER_BACKUP_NAME;
 
+/// Deepest directory nesting walked: the store is hostile, and each level
+/// holds a descriptor and a stack frame.
+pub const MAX_DEPTH: usize = 1000;
+
 /// Walks one backing tree, depth first.
 pub struct Walker<'a> {
     keys: &'a FsKeys,
     sink: &'a Sink,
     tx: SyncSender<Span>,
     repair: bool,
+    depth: usize,
     /// What was walked (bytes are counted by the workers).
     pub counts: Counts,
 }
@@ -56,6 +61,7 @@ impl<'a> Walker<'a> {
             sink,
             tx,
             repair,
+            depth: 0,
             counts: Counts::default(),
         }
     }
@@ -217,6 +223,14 @@ impl<'a> Walker<'a> {
             }
         };
         match kind {
+            Kind::Dir if self.depth >= MAX_DEPTH => self.problem(
+                ProblemKind::Io,
+                backing,
+                plain,
+                format!(
+                    "directories nested deeper than {MAX_DEPTH} levels; nothing below was checked"
+                ),
+            ),
             Kind::Dir => match sys::open_dir(dir.fd, name) {
                 Ok(fd) => {
                     let sub = Dir {
@@ -224,7 +238,9 @@ impl<'a> Walker<'a> {
                         backing: &backing,
                         plain: plain.as_deref(),
                     };
+                    self.depth += 1;
                     self.walk(&sub, false);
+                    self.depth -= 1;
                 }
                 Err(e) => self.problem(
                     ProblemKind::Io,
