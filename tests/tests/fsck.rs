@@ -31,8 +31,8 @@ fn long(c: char) -> String {
 /// backing file is found by its length (backing = header + plaintext).
 const TINY: &[u8] = b"hello";
 const MID_LEN: usize = 5000;
-/// More than one 16 MiB span, and not a multiple of the data unit.
-const BIG_LEN: usize = 17 * 1024 * 1024 + 7;
+/// Several 1 MiB read chunks, and not a multiple of the data unit.
+const BIG_LEN: usize = 3 * 1024 * 1024 + 7;
 const DEEP_LEN: usize = 4096;
 const LONG_L_LEN: usize = 777;
 const LONG_M_LEN: usize = 1234;
