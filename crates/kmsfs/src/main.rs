@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kmsfs::commands::{self, CreateArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs};
+use kmsfs::commands::{
+    self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs,
+};
 use kmsfs::{kmsconfig, mount};
 
 /// kmsfs: an encrypted directory whose key is wrapped by a KMS
@@ -40,6 +42,8 @@ enum Command {
     Info(InfoArgs),
     /// List the filesystems created on this host.
     List(ListArgs),
+    /// Check a filesystem offline (exit 0 clean, 1 repaired, 4 errors left, 8 could not run).
+    Fsck(FsckArgs),
     /// Re-wrap filesystem keys with the newest KMS key version, or another key.
     Rewrap(RewrapArgs),
     /// Unlock a filesystem with the KMS and verify its header; prints "ok".
@@ -79,6 +83,7 @@ fn run(config: &Path, command: Command) -> anyhow::Result<()> {
         Command::Create(a) => commands::run_create(config, a),
         Command::Info(a) => commands::run_info(config, a),
         Command::List(a) => commands::run_list(config, a),
+        Command::Fsck(a) => commands::run_fsck(config, a),
         Command::Rewrap(a) => commands::run_rewrap(config, a),
         Command::UnlockCheck(a) => commands::run_unlock_check(config, a),
     }

@@ -10,12 +10,14 @@ use anyhow::Context as _;
 use kmsfs_keystore::{KmsConfig, VaultClient};
 
 pub mod create;
+pub mod fsck;
 pub mod info;
 pub mod kms;
 pub mod list;
 pub mod rewrap;
 
 pub use create::{run_create, CreateArgs};
+pub use fsck::{run_fsck, FsckArgs};
 pub use info::{run_info, run_unlock_check, InfoArgs, UnlockCheckArgs};
 pub use kms::{run_kms, KmsArgs, KmsCommand};
 pub use list::{run_list, ListArgs};
