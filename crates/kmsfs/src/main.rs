@@ -67,6 +67,7 @@ fn holds_secrets(command: &Command) -> bool {
         | Command::Kms(_)
         | Command::Create(_)
         | Command::Rewrap(_)
+        | Command::Fsck(_)
         | Command::UnlockCheck(_) => true,
         Command::Umount(_) | Command::Info(_) | Command::List(_) => false,
     }
