@@ -2,8 +2,7 @@
 //! tree filled through a real FUSE mount, then copies of its backing
 //! directory each damaged one way and checked.
 
-use kmsfs_e2e::bao::{write_token_file, BaoServer};
-use kmsfs_e2e::cli::{Kmsfs, Run};
+use kmsfs_e2e::cli::{CliEnv, Run};
 use kmsfs_e2e::fuse::{daemon_pids, is_mounted, CliMountGuard, Rng};
 use serde_json::Value;
 use std::ffi::CString;
@@ -14,7 +13,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
 /// Exit codes of fsck(8).
 const CLEAN: i32 = 0;
@@ -39,9 +37,7 @@ const LONG_M_LEN: usize = 1234;
 const INNER_LEN: usize = 100;
 
 struct Env {
-    server: Option<BaoServer>,
-    dir: TempDir,
-    kmsfs: Kmsfs,
+    cli: CliEnv,
     /// The filled, unmounted backing directory that copies are made from.
     pristine: PathBuf,
     copies: u32,
@@ -49,33 +45,10 @@ struct Env {
 
 impl Env {
     async fn new() -> Env {
-        let server = BaoServer::start().await.expect("bao server");
-        server.create_key("kmsfs", false).await.expect("key");
-        server
-            .put_policy("kmsfs", &BaoServer::transit_policy("kmsfs"))
-            .await
-            .expect("policy");
-        let token = server.create_token(&["kmsfs"], "1h").await.expect("token");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let token_file = write_token_file(dir.path(), "token", &token).expect("token file");
-        let kmsfs = Kmsfs::new(dir.path().join("etc/kms.toml"));
-        kmsfs
-            .run_async(&[
-                "kms",
-                "set",
-                "vault",
-                server.addr(),
-                "kmsfs",
-                "--token-file",
-                token_file.to_str().expect("utf-8"),
-            ])
-            .await
-            .ok();
-        let pristine = dir.path().join("pristine");
+        let cli = CliEnv::new().await;
+        let pristine = cli.path("pristine");
         let mut env = Env {
-            server: Some(server),
-            dir,
-            kmsfs,
+            cli,
             pristine,
             copies: 0,
         };
@@ -85,14 +58,16 @@ impl Env {
 
     /// Creates the filesystem and fills it through a real mount.
     async fn fill(&mut self) {
-        let plain = self.dir.path().join("plain");
+        let plain = self.cli.path("plain");
         fs::create_dir(&plain).unwrap();
-        self.kmsfs
+        self.cli
+            .kmsfs
             .run_async(&["create", self.pristine.to_str().unwrap()])
             .await
             .ok();
         let _guard = CliMountGuard(plain.clone());
-        self.kmsfs
+        self.cli
+            .kmsfs
             .run_async(&[
                 "mount",
                 self.pristine.to_str().unwrap(),
@@ -121,7 +96,8 @@ impl Env {
         fs::create_dir(sub.join(long('D'))).unwrap();
         write(sub.join(long('D')).join("inner"), &rng.bytes(INNER_LEN));
         assert_eq!(fs::read(sub.join("link")).unwrap(), TINY);
-        self.kmsfs
+        self.cli
+            .kmsfs
             .run_async(&["umount", plain.to_str().unwrap()])
             .await
             .ok();
@@ -136,7 +112,7 @@ impl Env {
     /// A fresh copy of the filled backing directory (modes, FIFOs, symlinks kept).
     fn copy(&mut self) -> PathBuf {
         self.copies += 1;
-        let dst = self.dir.path().join(format!("copy{}", self.copies));
+        let dst = self.cli.path(&format!("copy{}", self.copies));
         let st = Command::new("cp")
             .arg("-a")
             .arg(&self.pristine)
@@ -151,7 +127,7 @@ impl Env {
     async fn fsck(&self, dir: &Path, extra: &[&str]) -> Run {
         let mut args = vec!["fsck", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        tokio::time::timeout(Duration::from_secs(300), self.kmsfs.run_async(&args))
+        tokio::time::timeout(Duration::from_secs(300), self.cli.kmsfs.run_async(&args))
             .await
             .expect("kmsfs fsck hung")
     }
@@ -590,7 +566,7 @@ async fn fsck_reports_each_kind_of_damage_by_path() {
 
     // KMS down: the check cannot run.
     let c = env.copy();
-    drop(env.server.take());
+    drop(env.cli.server.take());
     let run = env.fsck(&c, &[]).await;
     assert_eq!(run.code, OPERATIONAL, "{}{}", run.stdout, run.stderr);
     assert!(run.stderr.contains("unreachable"), "{}", run.stderr);

@@ -11,24 +11,21 @@ use kmsfs_core::header::{Header, KeySlot, KmsType, UnverifiedHeader};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 use kmsfs_core::secret::SecretBytes;
 use kmsfs_e2e::bao::{write_token_file, BaoServer};
-use kmsfs_e2e::cli::{kmsfs_bin, Kmsfs, Run};
+use kmsfs_e2e::cli::{kmsfs_bin, CliEnv, Kmsfs, Run};
 use kmsfs_e2e::fuse::{is_mounted, CliMountGuard};
 use kmsfs_keystore::{AuthConfig, KmsConfig, VaultClient};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tempfile::TempDir;
 
 const KEY: &str = "kmsfs";
 
 struct Env {
-    server: BaoServer,
-    dir: TempDir,
-    /// The host that creates the filesystems (its registry records them).
-    creator: Kmsfs,
+    /// The KMS and the host that creates the filesystems (its registry
+    /// records them).
+    cli: CliEnv,
     /// Another host with the same KMS access that created nothing.
     other: Kmsfs,
-    token_file: PathBuf,
 }
 
 fn s(p: &Path) -> &str {
@@ -37,41 +34,30 @@ fn s(p: &Path) -> &str {
 
 impl Env {
     async fn new() -> Env {
-        let server = BaoServer::start().await.expect("bao server");
-        server.create_key(KEY, false).await.expect("key");
-        server
-            .put_policy("kmsfs", &BaoServer::transit_policy(KEY))
-            .await
-            .expect("policy");
-        let token = server.create_token(&["kmsfs"], "1h").await.expect("token");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let token_file = write_token_file(dir.path(), "token", &token).expect("token file");
-        let creator = Kmsfs::new(dir.path().join("creator/kms.toml"));
-        let other = Kmsfs::new(dir.path().join("other/kms.toml"));
-        for host in [&creator, &other] {
-            host.run_async(&[
+        let cli = CliEnv::new().await;
+        let other = Kmsfs::new(cli.path("other/kms.toml"));
+        let addr = cli.server.as_ref().expect("server").addr().to_string();
+        other
+            .run_async(&[
                 "kms",
                 "set",
                 "vault",
-                server.addr(),
+                &addr,
                 KEY,
                 "--token-file",
-                s(&token_file),
+                s(&cli.token_file),
             ])
             .await
             .ok();
-        }
-        Env {
-            server,
-            dir,
-            creator,
-            other,
-            token_file,
-        }
+        Env { cli, other }
+    }
+
+    fn server(&self) -> &BaoServer {
+        self.cli.server.as_ref().expect("server")
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.cli.path(name)
     }
 
     /// Creates `<name>-cipher` on the creating host; returns it, an empty
@@ -80,11 +66,12 @@ impl Env {
         let cipher = self.path(&format!("{name}-cipher"));
         let plain = self.path(&format!("{name}-plain"));
         fs::create_dir_all(&plain).expect("mountpoint");
-        let run = self.creator.run_async(&["create", s(&cipher)]).await.ok();
+        let run = self.cli.kmsfs.run_async(&["create", s(&cipher)]).await.ok();
         let kcv = printed_kcv(&run);
         // `info` shows the same value from the registry, without the KMS.
         let info = self
-            .creator
+            .cli
+            .kmsfs
             .run_async(&["info", s(&cipher), "--json"])
             .await
             .ok()
@@ -100,13 +87,13 @@ impl Env {
     }
 
     async fn umount(&self, plain: &Path) {
-        self.creator.run_async(&["umount", s(plain)]).await.ok();
+        self.cli.kmsfs.run_async(&["umount", s(plain)]).await.ok();
         assert!(!is_mounted(plain));
     }
 
     /// Mounts on the creating host, writes `files` into the root, unmounts.
     async fn populate(&self, cipher: &Path, plain: &Path, files: &[&str]) {
-        self.mount(&self.creator, cipher, plain, &[]).await.ok();
+        self.mount(&self.cli.kmsfs, cipher, plain, &[]).await.ok();
         for f in files {
             fs::write(plain.join(f), f.as_bytes()).expect("write");
         }
@@ -116,10 +103,10 @@ impl Env {
     /// A KMS client with the hosts' token (allowed to encrypt with `kmsfs`).
     fn client(&self) -> VaultClient {
         let mut cfg = KmsConfig::new(
-            vec![self.server.addr().to_string()],
+            vec![self.server().addr().to_string()],
             KEY,
             AuthConfig::Token {
-                token_file: Some(self.token_file.clone()),
+                token_file: Some(self.cli.token_file.clone()),
             },
         );
         cfg.timeout_secs = 5;
@@ -190,14 +177,15 @@ async fn a_forged_header_with_the_victims_uuid_and_kms_key_is_refused() {
 
     // The forgery is a valid header: the KMS unwraps it and its MAC holds.
     let check = env
-        .creator
+        .cli
+        .kmsfs
         .run_async(&["unlock-check", s(&cipher)])
         .await
         .ok();
     assert_eq!(check.stdout.trim(), "ok");
 
     // The creating host knows the key check value from its registry.
-    let run = env.mount(&env.creator, &cipher, &plain, &[]).await;
+    let run = env.mount(&env.cli.kmsfs, &cipher, &plain, &[]).await;
     assert_refused(
         &run,
         &cipher,
@@ -225,7 +213,7 @@ async fn a_forged_header_with_the_victims_uuid_and_kms_key_is_refused() {
 
     // The genuine header mounts again, with the data intact.
     fs::write(cipher.join("kmsfs.header"), original).expect("restore");
-    env.mount(&env.creator, &cipher, &plain, &[]).await.ok();
+    env.mount(&env.cli.kmsfs, &cipher, &plain, &[]).await.ok();
     assert_eq!(fs::read(plain.join("ledger")).expect("read"), b"ledger");
     env.umount(&plain).await;
 }
@@ -240,7 +228,8 @@ async fn another_filesystems_header_copied_over_is_refused() {
     env.populate(&a, &plain, &["only-in-a"]).await;
     fs::copy(b.join("kmsfs.header"), a.join("kmsfs.header")).expect("copy header");
     let uuid_b = env
-        .creator
+        .cli
+        .kmsfs
         .run_async(&["info", s(&b), "--json"])
         .await
         .ok()
@@ -249,7 +238,7 @@ async fn another_filesystems_header_copied_over_is_refused() {
         .expect("uuid")
         .to_string();
 
-    let run = env.mount(&env.creator, &a, &plain, &[]).await;
+    let run = env.mount(&env.cli.kmsfs, &a, &plain, &[]).await;
     assert_refused(
         &run,
         &a,
@@ -259,7 +248,7 @@ async fn another_filesystems_header_copied_over_is_refused() {
             "another filesystem's header",
         ],
     );
-    let info = env.creator.run_async(&["info", s(&a)]).await.ok();
+    let info = env.cli.kmsfs.run_async(&["info", s(&a)]).await.ok();
     assert!(
         info.stderr.contains("the header was replaced"),
         "{}",
@@ -292,7 +281,7 @@ async fn an_altered_root_directory_iv_is_refused() {
     changed[0] ^= 1;
     fs::remove_file(&iv_path).expect("rm");
     fs::write(&iv_path, &changed).expect("write");
-    let run = env.mount(&env.creator, &cipher, &plain, &[]).await;
+    let run = env.mount(&env.cli.kmsfs, &cipher, &plain, &[]).await;
     assert_refused(
         &run,
         &cipher,
@@ -304,7 +293,7 @@ async fn an_altered_root_directory_iv_is_refused() {
     fs::remove_file(&iv_path).expect("rm");
     fs::write(env.path("iv-copy"), &iv).expect("copy");
     std::os::unix::fs::symlink(env.path("iv-copy"), &iv_path).expect("symlink");
-    let run = env.mount(&env.creator, &cipher, &plain, &[]).await;
+    let run = env.mount(&env.cli.kmsfs, &cipher, &plain, &[]).await;
     assert_refused(&run, &cipher, &plain, &["kmsfs.diriv", "symbolic link"]);
     fs::remove_file(&iv_path).expect("rm");
     let st = Command::new("mkfifo")
@@ -312,7 +301,7 @@ async fn an_altered_root_directory_iv_is_refused() {
         .status()
         .expect("mkfifo");
     assert!(st.success());
-    let run = env.mount(&env.creator, &cipher, &plain, &[]).await;
+    let run = env.mount(&env.cli.kmsfs, &cipher, &plain, &[]).await;
     assert_refused(
         &run,
         &cipher,
@@ -322,7 +311,7 @@ async fn an_altered_root_directory_iv_is_refused() {
 
     fs::remove_file(&iv_path).expect("rm");
     fs::write(&iv_path, &iv).expect("restore");
-    env.mount(&env.creator, &cipher, &plain, &[]).await.ok();
+    env.mount(&env.cli.kmsfs, &cipher, &plain, &[]).await.ok();
     assert_eq!(fs::read(plain.join("two")).expect("read"), b"two");
     env.umount(&plain).await;
 }
@@ -421,7 +410,7 @@ async fn a_decrypt_only_token_mounts_but_cannot_create() {
     let _guard = CliMountGuard(plain.clone());
     env.populate(&cipher, &plain, &["report"]).await;
     // The mount host's policy, exactly as docs/kms.md gives it.
-    env.server
+    env.server()
         .put_policy(
             "kmsfs-mount",
             r#"path "transit/decrypt/kmsfs" { capabilities = ["update"] }"#,
@@ -429,18 +418,18 @@ async fn a_decrypt_only_token_mounts_but_cannot_create() {
         .await
         .expect("policy");
     let token = env
-        .server
+        .server()
         .create_token(&["kmsfs-mount"], "1h")
         .await
         .expect("token");
-    let tf = write_token_file(env.dir.path(), "mount-token", &token).expect("token file");
+    let tf = write_token_file(env.cli.dir.path(), "mount-token", &token).expect("token file");
     let host = Kmsfs::new(env.path("mount-host/kms.toml"));
     // `kms set` would probe encrypt, which this host may not do.
     host.run_async(&[
         "kms",
         "set",
         "vault",
-        env.server.addr(),
+        env.server().addr(),
         KEY,
         "--token-file",
         s(&tf),
@@ -483,22 +472,22 @@ async fn an_old_header_after_a_rewrap_mounts_until_the_old_version_is_retired() 
     let _guard = CliMountGuard(plain.clone());
     env.populate(&cipher, &plain, &["kept"]).await;
     let old = fs::read(cipher.join("kmsfs.header")).expect("header");
-    env.server.rotate_key(KEY).await.expect("rotate");
-    env.creator.run_async(&["rewrap", s(&cipher)]).await.ok();
+    env.server().rotate_key(KEY).await.expect("rotate");
+    env.cli.kmsfs.run_async(&["rewrap", s(&cipher)]).await.ok();
     assert_ne!(fs::read(cipher.join("kmsfs.header")).expect("new"), old);
 
     // Not detected: the old header holds the same master key (same key
     // check value), and the KMS still decrypts key version 1.
     fs::write(cipher.join("kmsfs.header"), &old).expect("replay");
-    env.mount(&env.creator, &cipher, &plain, &[]).await.ok();
+    env.mount(&env.cli.kmsfs, &cipher, &plain, &[]).await.ok();
     assert_eq!(fs::read(plain.join("kept")).expect("read"), b"kept");
     env.umount(&plain).await;
 
     // Retiring version 1 on the KMS is what makes the old header useless.
-    env.server
+    env.server()
         .set_min_decryption_version(KEY, 2)
         .await
         .expect("retire v1");
-    let run = env.mount(&env.creator, &cipher, &plain, &[]).await;
+    let run = env.mount(&env.cli.kmsfs, &cipher, &plain, &[]).await;
     assert_refused(&run, &cipher, &plain, &["KMS rejected the wrapped key"]);
 }
