@@ -2,9 +2,10 @@
 //! inodes must not pin descriptors, and forgetting them must free them.
 //!
 //! The default is the test-suite size (100,000 files in 100 directories,
-//! `ulimit -n 256`); `scripts/bench --scale` runs the same test with a
-//! million files and 1,024 descriptors through the environment variables
-//! `KMSFS_SCALE_DIRS`, `KMSFS_SCALE_FILES_PER_DIR` and `KMSFS_SCALE_NOFILE`.
+//! `ulimit -n 256`); the environment variables `KMSFS_SCALE_DIRS`,
+//! `KMSFS_SCALE_FILES_PER_DIR` and `KMSFS_SCALE_NOFILE` scale it up.
+//! `scripts/bench --scale` measures the same shape (a million files,
+//! `ulimit -n 1024`) with the real tools, beside gocryptfs.
 
 use kmsfs_e2e::cli::CliEnv;
 use kmsfs_e2e::fuse::{daemon_pids, CliMountGuard};
