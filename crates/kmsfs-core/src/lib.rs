@@ -7,4 +7,5 @@ pub mod keys;
 pub mod layout;
 pub mod names;
 pub mod secret;
+pub mod units;
 pub mod xts;

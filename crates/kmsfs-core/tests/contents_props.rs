@@ -220,6 +220,9 @@ impl Backing for FullDisk {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
+    fn len(&self) -> io::Result<u64> {
+        self.file.len()
+    }
     fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
         if off + len > self.capacity {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
