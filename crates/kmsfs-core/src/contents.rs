@@ -22,8 +22,8 @@
 //! in-memory state is re-read from the backing file.
 
 use crate::keys::{FsKeys, KeyError, FILE_NONCE_LEN};
-pub use crate::units::{FILE_HEADER_LEN, MAX_SIZE, TINY_LIMIT, UNIT_SIZE};
 use crate::units::{last_unit_start, unit_bounds};
+pub use crate::units::{FILE_HEADER_LEN, MAX_SIZE, TINY_LIMIT, UNIT_SIZE};
 use crate::xts::Xts256;
 use std::io;
 
@@ -630,7 +630,8 @@ impl FileContents {
         // A unit whose bounds are the same in both layouts and that no data
         // touches keeps its ciphertext (a grow from, or a shrink to, a unit
         // boundary needs no rewrite).
-        let layout_changes = |a: u64| old < TINY_LIMIT || unit_bounds(old, a) != unit_bounds(new_size, a);
+        let layout_changes =
+            |a: u64| old < TINY_LIMIT || unit_bounds(old, a) != unit_bounds(new_size, a);
         let data_range = data.map(|(off, d)| (off, off + d.len() as u64));
         let mut spans: Vec<(u64, u64)> = ranges
             .iter()
