@@ -176,6 +176,50 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Reads at any offset and length, and the kernel's page-aligned reads
+    /// (whose edges cut units on the page-aligned grid), over data and holes.
+    #[test]
+    fn reads_anywhere_match_the_model(
+        ops in prop::collection::vec(op(), 1..8),
+        reads in prop::collection::vec((0u64..4 * UNIT_SIZE, 0usize..3 * UNIT_SIZE as usize), 1..16),
+        pages in prop::collection::vec((0u64..4, 1usize..4), 1..6),
+    ) {
+        let keys = keys();
+        let f = MemFile::default();
+        let mut fc = FileContents::open(&keys, &f, 0).unwrap();
+        let mut model: Vec<u8> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Write { off, len, seed } => {
+                    let data = pattern(len, seed);
+                    fc.write_at(&keys, &f, off, &data).unwrap();
+                    let end = off as usize + len;
+                    if len > 0 && model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[off as usize..off as usize + len].copy_from_slice(&data);
+                }
+                Op::Truncate(n) => {
+                    fc.set_len(&keys, &f, n).unwrap();
+                    model.resize(n as usize, 0);
+                }
+            }
+        }
+        let page_reads = pages
+            .into_iter()
+            .map(|(p, n)| (p * UNIT_SIZE, n * UNIT_SIZE as usize));
+        for (off, len) in reads.into_iter().chain(page_reads) {
+            let mut buf = vec![0xeeu8; len];
+            let n = fc.read_at(&f, off, &mut buf).unwrap();
+            let want = model.get(off as usize..).map(|s| &s[..s.len().min(len)]).unwrap_or(&[]);
+            prop_assert_eq!(&buf[..n], want, "read {} bytes at {}", len, off);
+        }
+    }
+}
+
 #[test]
 fn bad_file_headers_are_errors_not_panics() {
     let keys = keys();
