@@ -297,3 +297,60 @@ fn a_full_disk_fails_the_write_before_touching_old_data() {
         assert_eq!(read_all(&fc, &disk.file), old);
     }
 }
+
+/// A backing file that refuses the first truncate (a read-only open).
+struct NoTruncateOnce {
+    file: MemFile,
+    refused: std::cell::Cell<bool>,
+}
+
+impl Backing for NoTruncateOnce {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.file.read_at(buf, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, off)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if !self.refused.replace(true) {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        self.file.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.file.len()
+    }
+}
+
+#[test]
+fn a_tiny_header_on_a_longer_file_reads_tiny_and_is_truncated_before_a_change() {
+    let keys = keys();
+    // Make a 9000-byte file, then shrink it to 7 bytes but stop before the
+    // truncate: put the tiny header and ciphertext over the start by hand.
+    let f = MemFile::default();
+    let mut fc = FileContents::open(&keys, &f, 0).unwrap();
+    fc.write_at(&keys, &f, 0, &pattern(9000, 1)).unwrap();
+    let tiny = MemFile::default();
+    let mut tc = FileContents::open(&keys, &tiny, 0).unwrap();
+    tc.write_at(&keys, &tiny, 0, b"seven!!").unwrap();
+    let head = tiny.0.borrow().clone();
+    f.0.borrow_mut()[..head.len()].copy_from_slice(&head);
+    let stale = NoTruncateOnce {
+        file: f,
+        refused: std::cell::Cell::new(false),
+    };
+    let mut fc = FileContents::open(&keys, &stale, 32 + 9000).unwrap();
+    assert_eq!(fc.size(), 7);
+    assert_eq!(stale.file.0.borrow().len(), 32 + 9000, "open could not truncate");
+    let mut out = [0u8; 16];
+    assert_eq!(fc.read_at(&stale, 0, &mut out).unwrap(), 7);
+    assert_eq!(&out[..7], b"seven!!");
+    // Growing past the tiny limit truncates the stale bytes first: they must
+    // not come back as data.
+    fc.set_len(&keys, &stale, 5000).unwrap();
+    let mut want = b"seven!!".to_vec();
+    want.resize(5000, 0);
+    assert_eq!(read_all(&fc, &stale.file), want);
+    let reopened = FileContents::open(&keys, &stale.file, 32 + 5000).unwrap();
+    assert_eq!(read_all(&reopened, &stale.file), want);
+}

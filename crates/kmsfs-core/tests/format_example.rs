@@ -141,3 +141,22 @@ fn unhex(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+#[test]
+fn docs_show_the_checked_vectors() {
+    // docs/format.md prints the vectors the tests above check; keep them equal.
+    let doc: String = include_str!("../../../docs/format.md")
+        .split_whitespace()
+        .collect();
+    let header = include_str!("format_example_header.hex").trim();
+    // The header is printed in annotated pieces; its checksum and MAC last.
+    assert!(doc.contains(&header[header.len() - 128..header.len() - 64]));
+    assert!(doc.contains(&header[header.len() - 64..]));
+    let file = include_str!("format_example_file.hex").trim();
+    assert!(doc.contains(&file[64..]), "20-byte example ciphertext");
+    for label in ["unit0-head", "unit1", "sha256", "tiny-ct"] {
+        assert!(doc.contains(&documented(label)), "{label} missing from docs/format.md");
+    }
+    let tiny = documented("tiny");
+    assert!(doc.contains(&tiny[32..]), "tiny nonce + ciphertext");
+}
