@@ -341,7 +341,11 @@ fn a_tiny_header_on_a_longer_file_reads_tiny_and_is_truncated_before_a_change() 
     };
     let mut fc = FileContents::open(&keys, &stale, 32 + 9000).unwrap();
     assert_eq!(fc.size(), 7);
-    assert_eq!(stale.file.0.borrow().len(), 32 + 9000, "open could not truncate");
+    assert_eq!(
+        stale.file.0.borrow().len(),
+        32 + 9000,
+        "open could not truncate"
+    );
     let mut out = [0u8; 16];
     assert_eq!(fc.read_at(&stale, 0, &mut out).unwrap(), 7);
     assert_eq!(&out[..7], b"seven!!");

@@ -155,7 +155,10 @@ fn docs_show_the_checked_vectors() {
     let file = include_str!("format_example_file.hex").trim();
     assert!(doc.contains(&file[64..]), "20-byte example ciphertext");
     for label in ["unit0-head", "unit1", "sha256", "tiny-ct"] {
-        assert!(doc.contains(&documented(label)), "{label} missing from docs/format.md");
+        assert!(
+            doc.contains(&documented(label)),
+            "{label} missing from docs/format.md"
+        );
     }
     let tiny = documented("tiny");
     assert!(doc.contains(&tiny[32..]), "tiny nonce + ciphertext");
