@@ -60,7 +60,7 @@ pub trait Backing {
     /// Truncates or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The file's current length in bytes (`fstat`).
-    fn len(&self) -> io::Result<u64>;
+    fn file_len(&self) -> io::Result<u64>;
     /// Reserves space for `[off, off + len)` without changing the file's
     /// length, so that a full disk or a size limit fails the change before
     /// any byte of existing data is replaced. The default reserves nothing.
@@ -134,7 +134,7 @@ impl Backing for std::fs::File {
     fn set_len(&self, len: u64) -> io::Result<()> {
         std::fs::File::set_len(self, len)
     }
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
     fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
@@ -513,7 +513,7 @@ impl FileContents {
     /// memory says what the disk says.
     fn resync<B: Backing>(&mut self, keys: &FsKeys, backing: &B) {
         if let Ok(fresh) = backing
-            .len()
+            .file_len()
             .map_err(ContentsError::from)
             .and_then(|len| FileContents::open(keys, backing, len))
         {

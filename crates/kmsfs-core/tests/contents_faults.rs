@@ -90,11 +90,11 @@ impl Backing for Faulty {
         }
         self.file.set_len(len)
     }
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         if self.fails() {
             return Err(self.err());
         }
-        self.file.len()
+        self.file.file_len()
     }
     fn allocate(&self, _off: u64, _len: u64) -> io::Result<()> {
         if self.fails() {

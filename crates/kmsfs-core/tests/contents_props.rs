@@ -264,8 +264,8 @@ impl Backing for FullDisk {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
-    fn len(&self) -> io::Result<u64> {
-        self.file.len()
+    fn file_len(&self) -> io::Result<u64> {
+        self.file.file_len()
     }
     fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
         if off + len > self.capacity {
@@ -317,8 +317,8 @@ impl Backing for NoTruncateOnce {
         }
         self.file.set_len(len)
     }
-    fn len(&self) -> io::Result<u64> {
-        self.file.len()
+    fn file_len(&self) -> io::Result<u64> {
+        self.file.file_len()
     }
 }
 
