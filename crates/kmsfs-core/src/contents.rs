@@ -1,49 +1,69 @@
-//! File contents: AES-256-XTS per 4096-byte data unit, exact sizes, holes.
+//! File contents: AES-256-XTS per data unit, exact sizes, holes.
 //!
 //! A backing file is a 32-byte file header followed by ciphertext of exactly
 //! the plaintext's length, so a plaintext offset `p` lives at `32 + p`. An
 //! empty backing file (no header at all) is an empty plaintext file.
 //!
-//! Data units: unit `i` covers plaintext `[4096·i, 4096·(i+1))` and is
-//! encrypted with tweak `i`. The final unit is whatever remains; XTS's
-//! ciphertext stealing handles any length of at least 16 bytes. A remainder
-//! of 1..15 bytes cannot stand alone, so it is merged into the unit before it
-//! (one unit of 4097..4111 bytes). A whole file shorter than 16 bytes is
+//! Data units follow the page-aligned grid of [`crate::units`]; unit `i` is
+//! encrypted with tweak `i`. XTS's ciphertext stealing handles a final unit
+//! of any length of at least 16 bytes. A whole file shorter than 16 bytes is
 //! "tiny": it is XORed with a keystream block and re-encrypted under a fresh
-//! file nonce on every change, so no keystream is ever used twice.
+//! file nonce on every change, so no keystream is ever used twice; its
+//! header records its length, so a tiny header on a longer backing file
+//! (a shrink cut short) still reads as the tiny file.
 //!
 //! Holes: a unit whose stored ciphertext is all zero bytes reads as zeros.
 //! Regions never written (sparse extension, truncate up) are left as zero
 //! bytes, and every explicit write is encrypted.
+//!
+//! Failures: a change reserves the space it needs and checks the final
+//! length before it replaces any old byte; if a later step fails, the old
+//! bytes it replaced are written back and the length restored, and the
+//! in-memory state is re-read from the backing file.
 
 use crate::keys::{FsKeys, KeyError, FILE_NONCE_LEN};
+use crate::units::{last_unit_start, unit_bounds};
+pub use crate::units::{FILE_HEADER_LEN, MAX_SIZE, TINY_LIMIT, UNIT_SIZE};
 use crate::xts::Xts256;
 use std::io;
 
-/// Size of an XTS data unit in bytes.
-pub const UNIT_SIZE: u64 = 4096;
-/// Length of the header at the start of every non-empty backing file.
-pub const FILE_HEADER_LEN: u64 = 32;
-/// Files shorter than this are "tiny" and use the keystream scheme.
-pub const TINY_LIMIT: u64 = 16;
-
 const FILE_MAGIC: [u8; 4] = *b"kmsF";
-const FILE_VERSION: u8 = 1;
+const FILE_VERSION: u8 = 2;
+/// Header flag: the file is tiny; byte 6 holds its length.
+const FLAG_TINY: u8 = 0x01;
 /// The tweak-key input for a tiny file's keystream: no data unit can have
 /// this number, since file offsets are below 2^64.
 const TINY_KEYSTREAM_INPUT: u128 = u128::MAX;
+/// Longest data unit: a full unit with a 15-byte remainder merged in.
+const MAX_UNIT: usize = (UNIT_SIZE + TINY_LIMIT - 1) as usize;
 
 /// Positional I/O on the backing (ciphertext) file.
 pub trait Backing {
     /// Reads up to `buf.len()` bytes at `off`; returns the count, 0 at end of file.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    /// Reads into `bufs` in order from `off` (one `preadv` where possible);
+    /// returns the total count, short only at end of file.
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], off: u64) -> io::Result<usize> {
+        let mut done = 0u64;
+        for buf in bufs.iter_mut() {
+            let want = buf.len();
+            let n = read_full(self, buf, off + done)?;
+            done += n as u64;
+            if n < want {
+                break;
+            }
+        }
+        Ok(done as usize)
+    }
     /// Writes all of `buf` at `off`, extending the file if needed.
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
     /// Truncates or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// The file's current length in bytes (`fstat`).
+    fn file_len(&self) -> io::Result<u64>;
     /// Reserves space for `[off, off + len)` without changing the file's
-    /// length, so that a full disk fails the write before any byte of
-    /// existing data is replaced. The default reserves nothing.
+    /// length, so that a full disk or a size limit fails the change before
+    /// any byte of existing data is replaced. The default reserves nothing.
     fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
         let _ = (off, len);
         Ok(())
@@ -54,23 +74,76 @@ impl Backing for std::fs::File {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         std::os::unix::fs::FileExt::read_at(self, buf, off)
     }
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], off: u64) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let want: usize = bufs.iter().map(|b| b.len()).sum();
+        let iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .filter(|b| !b.is_empty())
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        if iov.is_empty() {
+            return Ok(0);
+        }
+        let r = loop {
+            // SAFETY: every iovec points into a distinct live `&mut [u8]`
+            // borrowed for this call, with its exact length.
+            let r = unsafe {
+                libc::preadv(
+                    self.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    off as libc::off_t,
+                )
+            };
+            if r >= 0 {
+                break r as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        if r == want || r == 0 {
+            return Ok(r);
+        }
+        // A short read (rare: end of file, or a signal): finish piecewise.
+        let mut skip = r;
+        let mut done = r;
+        for buf in bufs.iter_mut() {
+            if skip >= buf.len() {
+                skip -= buf.len();
+                continue;
+            }
+            let part = &mut buf[skip..];
+            let n = read_full(self, part, off + done as u64)?;
+            done += n;
+            if n < part.len() {
+                break;
+            }
+            skip = 0;
+        }
+        Ok(done)
+    }
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(self, buf, off)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         std::fs::File::set_len(self, len)
     }
+    fn file_len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
     fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        // SAFETY: plain syscall on a descriptor this File owns.
-        let r = unsafe {
-            libc::fallocate(
-                self.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
+        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
         };
+        // SAFETY: plain syscall on a descriptor this File owns.
+        let r = unsafe { libc::fallocate(self.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, o, l) };
         if r == 0 {
             return Ok(());
         }
@@ -115,12 +188,22 @@ impl ContentsError {
     }
 }
 
-/// Plaintext size of a backing file of `backing_len` bytes.
+/// Plaintext size of a backing file of `backing_len` bytes whose header is
+/// not a tiny one (the common case; a tiny header names its own length).
 pub fn plaintext_size(backing_len: u64) -> u64 {
     backing_len.saturating_sub(FILE_HEADER_LEN)
 }
 
-/// Encodes the 32-byte file header for `nonce`.
+/// A decoded file header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileHeader {
+    /// The file nonce, input to the per-file key.
+    pub nonce: [u8; FILE_NONCE_LEN],
+    /// For a tiny file, its length (1..15); the backing file may be longer.
+    pub tiny_len: Option<u8>,
+}
+
+/// Encodes the 32-byte header of a file of at least 16 bytes under `nonce`.
 pub fn encode_file_header(nonce: &[u8; FILE_NONCE_LEN]) -> [u8; FILE_HEADER_LEN as usize] {
     let mut h = [0u8; FILE_HEADER_LEN as usize];
     h[..4].copy_from_slice(&FILE_MAGIC);
@@ -129,8 +212,20 @@ pub fn encode_file_header(nonce: &[u8; FILE_NONCE_LEN]) -> [u8; FILE_HEADER_LEN 
     h
 }
 
-/// Decodes a file header, returning the file nonce.
-pub fn decode_file_header(h: &[u8]) -> Result<[u8; FILE_NONCE_LEN], ContentsError> {
+/// Encodes the 32-byte header of a tiny file of `len` (1..15) bytes.
+pub fn encode_tiny_file_header(
+    nonce: &[u8; FILE_NONCE_LEN],
+    len: u8,
+) -> [u8; FILE_HEADER_LEN as usize] {
+    debug_assert!(len > 0 && u64::from(len) < TINY_LIMIT);
+    let mut h = encode_file_header(nonce);
+    h[5] = FLAG_TINY;
+    h[6] = len;
+    h
+}
+
+/// Decodes a file header strictly.
+pub fn decode_file_header(h: &[u8]) -> Result<FileHeader, ContentsError> {
     if h.len() < FILE_HEADER_LEN as usize {
         return Err(ContentsError::BadHeader(
             "truncated (shorter than 32 bytes)",
@@ -140,44 +235,36 @@ pub fn decode_file_header(h: &[u8]) -> Result<[u8; FILE_NONCE_LEN], ContentsErro
         return Err(ContentsError::BadHeader("bad magic"));
     }
     if h[4] != FILE_VERSION {
-        return Err(ContentsError::BadHeader("unknown file format version"));
+        return Err(ContentsError::BadHeader(
+            "unknown file format version (this build reads version 2)",
+        ));
     }
-    if h[5..16].iter().any(|&b| b != 0) {
+    let tiny_len = match h[5] {
+        0 if h[6] == 0 => None,
+        FLAG_TINY if h[6] > 0 && u64::from(h[6]) < TINY_LIMIT => Some(h[6]),
+        0 | FLAG_TINY => {
+            return Err(ContentsError::BadHeader(
+                "tiny length out of range for the tiny flag",
+            ))
+        }
+        _ => return Err(ContentsError::BadHeader("unknown flag bits")),
+    };
+    if h[7..16].iter().any(|&b| b != 0) {
         return Err(ContentsError::BadHeader("reserved bytes are not zero"));
     }
     let mut nonce = [0u8; FILE_NONCE_LEN];
     nonce.copy_from_slice(&h[16..32]);
-    Ok(nonce)
-}
-
-/// Start of the last data unit of a non-tiny file of `size` bytes.
-fn last_unit_start(size: u64) -> u64 {
-    debug_assert!(size >= TINY_LIMIT);
-    let full = size / UNIT_SIZE;
-    let rem = size % UNIT_SIZE;
-    if rem == 0 || rem < TINY_LIMIT {
-        // rem == 0: the last full unit. rem < 16: merged into the unit before.
-        (full - 1) * UNIT_SIZE
-    } else {
-        full * UNIT_SIZE
-    }
-}
-
-/// The data unit holding plaintext byte `pos` in a non-tiny file of `size`
-/// bytes: `(start, end, index)`.
-fn unit_bounds(size: u64, pos: u64) -> (u64, u64, u64) {
-    let last = last_unit_start(size);
-    let start = (pos / UNIT_SIZE * UNIT_SIZE).min(last);
-    let end = if start == last {
-        size
-    } else {
-        start + UNIT_SIZE
-    };
-    (start, end, start / UNIT_SIZE)
+    Ok(FileHeader { nonce, tiny_len })
 }
 
 fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
+}
+
+/// One planned `pwrite`: backing offset and bytes.
+struct Put {
+    off: u64,
+    bytes: Vec<u8>,
 }
 
 /// The open state of one encrypted file: its cipher and its plaintext size.
@@ -188,10 +275,15 @@ fn is_zero(b: &[u8]) -> bool {
 pub struct FileContents {
     cipher: Option<Xts256>,
     size: u64,
+    /// A tiny file whose backing file is still longer than header + size
+    /// (a shrink whose truncate has not happened yet).
+    stale_tail: bool,
 }
 
 impl FileContents {
-    /// Opens a backing file of `backing_len` bytes, reading its header.
+    /// Opens a backing file of `backing_len` bytes, reading its header. A
+    /// tiny file left longer by an interrupted shrink is truncated when the
+    /// backing file is writable, and before its next change otherwise.
     pub fn open<B: Backing>(
         keys: &FsKeys,
         backing: &B,
@@ -201,6 +293,7 @@ impl FileContents {
             return Ok(FileContents {
                 cipher: None,
                 size: 0,
+                stale_tail: false,
             });
         }
         let mut h = [0u8; FILE_HEADER_LEN as usize];
@@ -210,10 +303,34 @@ impl FileContents {
                 "truncated (shorter than 32 bytes)",
             ));
         }
-        let nonce = decode_file_header(&h)?;
+        let header = decode_file_header(&h)?;
+        let cipher = Some(keys.file_cipher(&header.nonce)?);
+        let (size, stale_tail) = match header.tiny_len {
+            Some(n) => {
+                let n = u64::from(n);
+                if backing_len < FILE_HEADER_LEN + n {
+                    return Err(ContentsError::BadHeader(
+                        "tiny file shorter than its header says",
+                    ));
+                }
+                let stale = backing_len > FILE_HEADER_LEN + n
+                    && backing.set_len(FILE_HEADER_LEN + n).is_err();
+                (n, stale)
+            }
+            None => {
+                let size = plaintext_size(backing_len);
+                if size > 0 && size < TINY_LIMIT {
+                    return Err(ContentsError::BadHeader(
+                        "file of 1..15 bytes without the tiny flag",
+                    ));
+                }
+                (size, false)
+            }
+        };
         Ok(FileContents {
-            cipher: Some(keys.file_cipher(&nonce)?),
-            size: plaintext_size(backing_len),
+            cipher,
+            size,
+            stale_tail,
         })
     }
 
@@ -222,7 +339,19 @@ impl FileContents {
         self.size
     }
 
+    fn cipher(&self) -> Result<&Xts256, ContentsError> {
+        self.cipher
+            .as_ref()
+            .ok_or(ContentsError::BadHeader("non-empty file without a header"))
+    }
+
     /// Reads plaintext at `off` into `buf`; returns the count (short at end of file).
+    ///
+    /// Units wholly inside `buf` are decrypted in place; the two edge units
+    /// are read with them in one vectored read, their outside parts into
+    /// small scratch buffers. For the kernel's page-aligned reads the edges
+    /// are decrypted in place too (XTS blocks are independent), so nothing
+    /// but 2 × 4 KiB of scratch is copied.
     pub fn read_at<B: Backing>(
         &self,
         backing: &B,
@@ -234,10 +363,7 @@ impl FileContents {
         }
         let end = self.size.min(off.saturating_add(buf.len() as u64));
         let n = (end - off) as usize;
-        let cipher = self
-            .cipher
-            .as_ref()
-            .ok_or(ContentsError::BadHeader("non-empty file without a header"))?;
+        let cipher = self.cipher()?;
         if self.size < TINY_LIMIT {
             let mut ct = [0u8; TINY_LIMIT as usize];
             let len = self.size as usize;
@@ -250,46 +376,70 @@ impl FileContents {
         }
         let (first, _, _) = unit_bounds(self.size, off);
         let (_, last_end, _) = unit_bounds(self.size, end - 1);
-        if first == off && last_end == end {
-            // Whole units (the kernel's page-aligned reads): decrypt in the
-            // caller's buffer, with no copy.
-            self.decrypt_units(backing, cipher, first, &mut buf[..n])?;
-            return Ok(n);
+        let mut head = [0u8; MAX_UNIT];
+        let mut tail = [0u8; MAX_UNIT];
+        let head = &mut head[..(off - first) as usize];
+        let tail = &mut tail[..(last_end - end) as usize];
+        let buf = &mut buf[..n];
+        let want = head.len() + n + tail.len();
+        let got = backing.read_vectored_at(
+            &mut [&mut *head, &mut *buf, &mut *tail],
+            FILE_HEADER_LEN + first,
+        )?;
+        if got < want {
+            return Err(ContentsError::ShortRead {
+                at: FILE_HEADER_LEN + first + got as u64,
+                wanted: FILE_HEADER_LEN + last_end,
+            });
         }
-        let mut ct = vec![0u8; (last_end - first) as usize];
-        self.decrypt_units(backing, cipher, first, &mut ct)?;
-        buf[..n].copy_from_slice(&ct[(off - first) as usize..(end - first) as usize]);
-        Ok(n)
-    }
-
-    /// Reads and decrypts the whole units covering `[first, first + buf.len())`.
-    fn decrypt_units<B: Backing>(
-        &self,
-        backing: &B,
-        cipher: &Xts256,
-        first: u64,
-        buf: &mut [u8],
-    ) -> Result<(), ContentsError> {
-        read_exact(backing, buf, FILE_HEADER_LEN + first)?;
-        let last_end = first + buf.len() as u64;
         let mut pos = first;
         while pos < last_end {
             let (s, e, idx) = unit_bounds(self.size, pos);
-            let unit = &mut buf[(s - first) as usize..(e - first) as usize];
-            if !is_zero(unit) {
-                cipher
-                    .decrypt_unit(unit, u128::from(idx))
-                    .map_err(KeyError::from)?;
-            }
             pos = e;
+            let (a, b) = (s.max(off), e.min(end));
+            let inside = &mut buf[(a - off) as usize..(b - off) as usize];
+            // Only the first unit can start before `off`, the last end after `end`.
+            let before: &[u8] = if s < off { head } else { &[] };
+            let after: &[u8] = if e > end { tail } else { &[] };
+            if before.is_empty() && after.is_empty() {
+                if !is_zero(inside) {
+                    cipher
+                        .decrypt_unit(inside, u128::from(idx))
+                        .map_err(KeyError::from)?;
+                }
+                continue;
+            }
+            if is_zero(before) && is_zero(inside) && is_zero(after) {
+                continue; // a hole
+            }
+            let skip = (a - s) as usize;
+            if (e - s) % 16 == 0 && skip % 16 == 0 && inside.len() % 16 == 0 {
+                // No ciphertext stealing in this unit and the wanted part is
+                // whole blocks: decrypt just those, in place.
+                cipher
+                    .decrypt_blocks(inside, u128::from(idx), (skip / 16) as u64)
+                    .map_err(KeyError::from)?;
+                continue;
+            }
+            let mut unit = [0u8; MAX_UNIT];
+            let unit = &mut unit[..(e - s) as usize];
+            unit[..before.len()].copy_from_slice(before);
+            unit[skip..skip + inside.len()].copy_from_slice(inside);
+            unit[skip + inside.len()..].copy_from_slice(after);
+            cipher
+                .decrypt_unit(unit, u128::from(idx))
+                .map_err(KeyError::from)?;
+            inside.copy_from_slice(&unit[skip..skip + inside.len()]);
         }
-        Ok(())
+        Ok(n)
     }
 
     /// Writes `data` at plaintext offset `off`, growing the file if needed.
     ///
     /// Work is bounded by the data units `data` touches plus the old final
-    /// unit when the size changes; a gap before `off` stays a hole.
+    /// unit when the size changes; a gap before `off` stays a hole. On an
+    /// error every byte reads as before or as written, and the size is the
+    /// old one or the new one.
     pub fn write_at<B: Backing>(
         &mut self,
         keys: &FsKeys,
@@ -302,86 +452,191 @@ impl FileContents {
         }
         let end = off
             .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_SIZE)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         let new_size = self.size.max(end);
-        if new_size < TINY_LIMIT {
-            let mut plain = self.read_all_small(backing)?;
-            plain.resize(new_size as usize, 0);
-            plain[off as usize..end as usize].copy_from_slice(data);
-            return self.write_tiny(keys, backing, &plain);
-        }
-        self.ensure_header(keys, backing)?;
-        let mut ranges = Vec::with_capacity(2);
-        if new_size != self.size && self.size > 0 {
-            ranges.push(self.tail_range());
-        }
-        ranges.push((off, end));
-        self.rewrite(backing, new_size, &ranges, Some((off, data)))?;
-        self.size = new_size;
-        Ok(())
+        self.change(keys, backing, new_size, Some((off, data)))
     }
 
-    /// Truncates or extends the plaintext to `new_size` bytes.
+    /// Truncates or extends the plaintext to `new_size` bytes, with the
+    /// same guarantee on errors as [`FileContents::write_at`].
     pub fn set_len<B: Backing>(
         &mut self,
         keys: &FsKeys,
         backing: &B,
         new_size: u64,
     ) -> Result<(), ContentsError> {
+        if new_size > MAX_SIZE {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG).into());
+        }
         if new_size == self.size {
             return Ok(());
         }
-        if new_size < TINY_LIMIT {
-            let mut plain = if self.size < TINY_LIMIT {
-                self.read_all_small(backing)?
-            } else {
-                let mut head = vec![0u8; new_size as usize];
-                self.read_at(backing, 0, &mut head)?;
-                head
-            };
-            plain.resize(new_size as usize, 0);
-            return self.write_tiny(keys, backing, &plain);
-        }
-        if new_size < self.size {
-            let start = last_unit_start(new_size);
-            self.rewrite(backing, new_size, &[(start, new_size)], None)?;
+        self.change(keys, backing, new_size, None)
+    }
+
+    fn change<B: Backing>(
+        &mut self,
+        keys: &FsKeys,
+        backing: &B,
+        new_size: u64,
+        data: Option<(u64, &[u8])>,
+    ) -> Result<(), ContentsError> {
+        let r = if self.stale_tail {
+            // Safe at any time: the tiny header names the size.
+            backing
+                .set_len(FILE_HEADER_LEN + self.size)
+                .map_err(ContentsError::from)
         } else {
-            self.ensure_header(keys, backing)?;
-            if self.size > 0 {
-                let tail = self.tail_range();
-                self.rewrite(backing, new_size, &[tail], None)?;
+            Ok(())
+        };
+        let r = r.and_then(|()| {
+            self.stale_tail = false;
+            if new_size == 0 {
+                backing.set_len(0)?;
+                self.cipher = None;
+                self.size = 0;
+                Ok(())
+            } else if new_size < TINY_LIMIT {
+                self.change_tiny(keys, backing, new_size, data)
+            } else {
+                self.change_units(keys, backing, new_size, data)
             }
+        });
+        if r.is_err() {
+            self.resync(keys, backing);
         }
-        backing.set_len(FILE_HEADER_LEN + new_size)?;
+        r
+    }
+
+    /// Re-reads size and cipher from the backing file after a failure, so
+    /// memory says what the disk says.
+    fn resync<B: Backing>(&mut self, keys: &FsKeys, backing: &B) {
+        if let Ok(fresh) = backing
+            .file_len()
+            .map_err(ContentsError::from)
+            .and_then(|len| FileContents::open(keys, backing, len))
+        {
+            *self = fresh;
+        }
+    }
+
+    /// Replaces the whole file with a tiny (1..15 byte) one, under a fresh
+    /// nonce so that no keystream ever encrypts two versions. The header
+    /// and ciphertext go out in one `pwrite` inside the first page, and the
+    /// header names the length: until the truncate that follows, a reader
+    /// already sees the new file.
+    fn change_tiny<B: Backing>(
+        &mut self,
+        keys: &FsKeys,
+        backing: &B,
+        new_size: u64,
+        data: Option<(u64, &[u8])>,
+    ) -> Result<(), ContentsError> {
+        let mut plain = [0u8; TINY_LIMIT as usize];
+        let plain = &mut plain[..new_size as usize];
+        self.read_at(backing, 0, plain)?;
+        if let Some((off, d)) = data {
+            plain[off as usize..off as usize + d.len()].copy_from_slice(d);
+        }
+        let (nonce, cipher, ct) = loop {
+            let nonce = random_nonce()?;
+            let cipher = keys.file_cipher(&nonce)?;
+            let mut ct = [0u8; TINY_LIMIT as usize];
+            let ct_len = plain.len();
+            ct[..ct_len].copy_from_slice(plain);
+            tiny_xor(&cipher, &mut ct[..ct_len]);
+            // All-zero ciphertext means "hole" and would read back as zeros.
+            if !is_zero(&ct[..ct_len]) || is_zero(plain) {
+                break (nonce, cipher, ct);
+            }
+        };
+        let mut out = [0u8; (FILE_HEADER_LEN + TINY_LIMIT) as usize];
+        out[..32].copy_from_slice(&encode_tiny_file_header(&nonce, new_size as u8));
+        out[32..32 + plain.len()].copy_from_slice(&ct[..plain.len()]);
+        let out = &out[..32 + plain.len()];
+        let old_len = self.backing_len();
+        if out.len() as u64 > old_len {
+            backing.allocate(0, out.len() as u64)?;
+        }
+        backing.write_all_at(out, 0)?;
+        self.cipher = Some(cipher);
         self.size = new_size;
+        if old_len > out.len() as u64 {
+            self.stale_tail = true;
+            backing.set_len(out.len() as u64)?;
+            self.stale_tail = false;
+        }
         Ok(())
     }
 
-    /// The plaintext range of the current final unit (or the whole tiny file).
-    fn tail_range(&self) -> (u64, u64) {
-        if self.size < TINY_LIMIT {
-            (0, self.size)
+    /// The backing length that matches the in-memory state.
+    fn backing_len(&self) -> u64 {
+        if self.cipher.is_none() {
+            0
         } else {
-            (last_unit_start(self.size), self.size)
+            FILE_HEADER_LEN + self.size
         }
     }
 
-    /// Re-encrypts the units of the `new_size` layout that cover `ranges`,
-    /// taking old plaintext from the current layout and overlaying `data`.
-    fn rewrite<B: Backing>(
-        &self,
+    /// Changes a file whose new size is at least 16 bytes: re-encrypts the
+    /// units of the new layout that `data` touches and, when the size
+    /// changes, the units whose layout changes (the old and new last unit).
+    fn change_units<B: Backing>(
+        &mut self,
+        keys: &FsKeys,
         backing: &B,
         new_size: u64,
-        ranges: &[(u64, u64)],
         data: Option<(u64, &[u8])>,
     ) -> Result<(), ContentsError> {
-        let cipher = self
-            .cipher
-            .as_ref()
-            .ok_or(ContentsError::BadHeader("file has no header"))?;
+        let old = self.size;
+        let old_len = self.backing_len();
+        // A file with no header yet gets one with a fresh nonce; a tiny file
+        // keeps its nonce (its keystream block is no XTS unit) and loses the
+        // tiny flag in the same pwrite that writes its first unit.
+        let (new_cipher, header) = match &self.cipher {
+            None => {
+                let nonce = random_nonce()?;
+                (Some(keys.file_cipher(&nonce)?), Some(nonce))
+            }
+            Some(_) if old > 0 && old < TINY_LIMIT => {
+                let mut h = [0u8; FILE_HEADER_LEN as usize];
+                read_exact(backing, &mut h, 0)?;
+                (None, Some(decode_file_header(&h)?.nonce))
+            }
+            Some(_) => (None, None),
+        };
+        let cipher = match (&new_cipher, &self.cipher) {
+            (Some(c), _) | (None, Some(c)) => c,
+            (None, None) => return Err(ContentsError::BadHeader("file has no header")),
+        };
+
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(3);
+        if let Some((off, d)) = data {
+            ranges.push((off, off + d.len() as u64));
+        }
+        if new_size != old && old > 0 {
+            let tail = if old < TINY_LIMIT {
+                (0, old)
+            } else {
+                let a = last_unit_start(old);
+                (a, old.min(new_size))
+            };
+            ranges.push(tail);
+            if new_size < old {
+                ranges.push((last_unit_start(new_size), new_size));
+            }
+        }
+        // A unit whose bounds are the same in both layouts and that no data
+        // touches keeps its ciphertext (a grow from, or a shrink to, a unit
+        // boundary needs no rewrite).
+        let layout_changes =
+            |a: u64| old < TINY_LIMIT || unit_bounds(old, a) != unit_bounds(new_size, a);
+        let data_range = data.map(|(off, d)| (off, off + d.len() as u64));
         let mut spans: Vec<(u64, u64)> = ranges
             .iter()
             .filter(|(a, b)| a < b)
+            .filter(|&&(a, b)| Some((a, b)) == data_range || layout_changes(a))
             .map(|&(a, b)| (unit_bounds(new_size, a).0, unit_bounds(new_size, b - 1).1))
             .collect();
         spans.sort_unstable();
@@ -392,8 +647,26 @@ impl FileContents {
                 _ => merged.push((a, b)),
             }
         }
-        for (ua, ub) in merged {
-            let mut buf = vec![0u8; (ub - ua) as usize];
+
+        // Build every write before changing anything.
+        let mut puts: Vec<Put> = Vec::with_capacity(merged.len() + 1);
+        if let Some(nonce) = header {
+            if merged.first().map(|s| s.0) != Some(0) {
+                puts.push(Put {
+                    off: 0,
+                    bytes: encode_file_header(&nonce).to_vec(),
+                });
+            }
+        }
+        for &(ua, ub) in &merged {
+            let lead = match header {
+                Some(nonce) if ua == 0 => encode_file_header(&nonce).to_vec(),
+                _ => Vec::new(),
+            };
+            let mut bytes = lead;
+            let pre = bytes.len();
+            bytes.resize(pre + (ub - ua) as usize, 0);
+            let buf = &mut bytes[pre..];
             match data {
                 Some((off, d)) if off < ub && off + d.len() as u64 > ua => {
                     let dend = off + d.len() as u64;
@@ -411,7 +684,7 @@ impl FileContents {
                         .copy_from_slice(&d[(from - off) as usize..(to - off) as usize]);
                 }
                 _ => {
-                    self.read_at(backing, ua, &mut buf)?;
+                    self.read_at(backing, ua, buf)?;
                 }
             }
             let mut pos = ua;
@@ -425,73 +698,71 @@ impl FileContents {
                     .map_err(KeyError::from)?;
                 pos = e;
             }
-            // Only a span that grows the file can need new blocks next to
-            // old data (the re-encrypted last unit): reserve them first.
-            if ub > self.size {
-                backing.allocate(FILE_HEADER_LEN + ua, ub - ua)?;
+            puts.push(Put {
+                off: FILE_HEADER_LEN + ua - pre as u64,
+                bytes,
+            });
+        }
+
+        // Reserve: the final length first (EFBIG, EDQUOT, ENOSPC), then
+        // every write that goes past the old end, before any old byte moves.
+        let new_len = FILE_HEADER_LEN + new_size;
+        if new_len > old_len {
+            backing.allocate(new_len - 1, 1)?;
+        }
+        for p in &puts {
+            let p_end = p.off + p.bytes.len() as u64;
+            if p_end > old_len {
+                backing.allocate(p.off, p.bytes.len() as u64)?;
             }
-            backing.write_all_at(&buf, FILE_HEADER_LEN + ua)?;
         }
-        Ok(())
-    }
 
-    fn read_all_small<B: Backing>(&self, backing: &B) -> Result<Vec<u8>, ContentsError> {
-        let mut plain = vec![0u8; self.size as usize];
-        self.read_at(backing, 0, &mut plain)?;
-        Ok(plain)
-    }
-
-    /// Writes a header with a fresh nonce if the file has none yet.
-    fn ensure_header<B: Backing>(
-        &mut self,
-        keys: &FsKeys,
-        backing: &B,
-    ) -> Result<(), ContentsError> {
-        if self.cipher.is_none() {
-            let nonce = random_nonce()?;
-            let cipher = keys.file_cipher(&nonce)?;
-            backing.allocate(0, FILE_HEADER_LEN)?;
-            backing.write_all_at(&encode_file_header(&nonce), 0)?;
-            self.cipher = Some(cipher);
-        }
-        Ok(())
-    }
-
-    /// Replaces the whole file with the tiny (under 16 bytes) `plain`, under
-    /// a fresh nonce so that no keystream ever encrypts two versions.
-    fn write_tiny<B: Backing>(
-        &mut self,
-        keys: &FsKeys,
-        backing: &B,
-        plain: &[u8],
-    ) -> Result<(), ContentsError> {
-        debug_assert!((plain.len() as u64) < TINY_LIMIT);
-        if plain.is_empty() {
-            backing.set_len(0)?;
-            self.cipher = None;
-            self.size = 0;
-            return Ok(());
-        }
-        let (nonce, cipher, ct) = loop {
-            let nonce = random_nonce()?;
-            let cipher = keys.file_cipher(&nonce)?;
-            let mut ct = plain.to_vec();
-            tiny_xor(&cipher, &mut ct);
-            // All-zero ciphertext means "hole" and would read back as zeros.
-            if !is_zero(&ct) || is_zero(plain) {
-                break (nonce, cipher, ct);
-            }
+        // Keep the old ciphertext of every byte a write replaces whose unit
+        // is not the same in both layouts (or is the last, which may span
+        // two pages), to put back if a later step fails.
+        let undo_from = if old < TINY_LIMIT {
+            0
+        } else {
+            FILE_HEADER_LEN + last_unit_start(old).min(last_unit_start(new_size))
         };
-        let mut out = Vec::with_capacity(FILE_HEADER_LEN as usize + ct.len());
-        out.extend_from_slice(&encode_file_header(&nonce));
-        out.extend_from_slice(&ct);
-        backing.allocate(0, out.len() as u64)?;
-        backing.write_all_at(&out, 0)?;
-        if self.size > plain.len() as u64 || self.cipher.is_none() {
-            backing.set_len(out.len() as u64)?;
+        let mut undo: Vec<Put> = Vec::new();
+        for p in &puts {
+            let a = p.off.max(undo_from);
+            let b = (p.off + p.bytes.len() as u64).min(old_len);
+            if a < b {
+                let mut bytes = vec![0u8; (b - a) as usize];
+                read_exact(backing, &mut bytes, a)?;
+                undo.push(Put { off: a, bytes });
+            }
         }
-        self.cipher = Some(cipher);
-        self.size = plain.len() as u64;
+
+        // Apply in ascending order: each write that extends the file ends at
+        // a unit boundary (or the new end), so even a crash part way leaves
+        // a readable file; the length changes last.
+        let applied = || -> io::Result<()> {
+            let mut reached = old_len;
+            for p in &puts {
+                backing.write_all_at(&p.bytes, p.off)?;
+                reached = reached.max(p.off + p.bytes.len() as u64);
+            }
+            if reached != new_len {
+                backing.set_len(new_len)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = applied() {
+            // Put the old bytes back and the old length; best effort (the
+            // caller re-reads the state from disk either way).
+            for u in &undo {
+                let _ = backing.write_all_at(&u.bytes, u.off);
+            }
+            let _ = backing.set_len(old_len);
+            return Err(e.into());
+        }
+        if let Some(c) = new_cipher {
+            self.cipher = Some(c);
+        }
+        self.size = new_size;
         Ok(())
     }
 }
@@ -511,7 +782,7 @@ fn random_nonce() -> Result<[u8; FILE_NONCE_LEN], ContentsError> {
     Ok(nonce)
 }
 
-fn read_full<B: Backing>(backing: &B, buf: &mut [u8], off: u64) -> io::Result<usize> {
+fn read_full<B: Backing + ?Sized>(backing: &B, buf: &mut [u8], off: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match backing.read_at(&mut buf[done..], off + done as u64) {

@@ -16,8 +16,8 @@ pub const HEADER_FILE_NAME: &str = "kmsfs.header";
 /// First eight bytes of every header.
 pub const HEADER_MAGIC: [u8; 8] = *b"KMSFSHDR";
 /// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
-/// Feature bits this build understands (none are defined in version 1).
+pub const FORMAT_VERSION: u16 = 2;
+/// Feature bits this build understands (none are defined in version 2).
 pub const KNOWN_FEATURES: u64 = 0;
 /// Most key slots a header may carry.
 pub const MAX_SLOTS: usize = 8;

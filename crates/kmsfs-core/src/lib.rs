@@ -8,4 +8,5 @@ pub mod layout;
 mod locked_arena;
 pub mod names;
 pub mod secret;
+pub mod units;
 pub mod xts;

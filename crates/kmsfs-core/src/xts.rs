@@ -29,6 +29,9 @@ pub enum XtsError {
     /// XTS cannot process fewer than 16 bytes as a data unit.
     #[error("XTS data unit of {0} bytes is shorter than one 16-byte block")]
     UnitTooShort(usize),
+    /// A run of whole blocks was asked for on a length that is not a multiple of 16.
+    #[error("{0} bytes are not whole 16-byte blocks")]
+    NotWholeBlocks(usize),
     /// A 64-byte key whose halves are equal, which IEEE 1619 forbids.
     #[error("XTS key halves are identical")]
     WeakKey,
@@ -101,6 +104,27 @@ impl Xts256 {
             self.data.decrypt_block(Block::from_mut_slice(&mut p));
             last_full.copy_from_slice(&xor_u128(&p, next));
         }
+        Ok(())
+    }
+
+    /// Decrypts whole blocks `first_block..` of data unit `unit` in place,
+    /// without the rest of the unit. Valid only for blocks that ciphertext
+    /// stealing does not touch (every block of a unit whose length is a
+    /// multiple of 16): XTS blocks are independent given their tweaks.
+    pub fn decrypt_blocks(
+        &self,
+        buf: &mut [u8],
+        unit: u128,
+        first_block: u64,
+    ) -> Result<(), XtsError> {
+        if buf.len() % 16 != 0 {
+            return Err(XtsError::NotWholeBlocks(buf.len()));
+        }
+        let mut t = self.initial_tweak(unit);
+        for _ in 0..first_block {
+            t = mul_alpha(t);
+        }
+        self.process_bulk(buf, t, false);
         Ok(())
     }
 

@@ -176,6 +176,50 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Reads at any offset and length, and the kernel's page-aligned reads
+    /// (whose edges cut units on the page-aligned grid), over data and holes.
+    #[test]
+    fn reads_anywhere_match_the_model(
+        ops in prop::collection::vec(op(), 1..8),
+        reads in prop::collection::vec((0u64..4 * UNIT_SIZE, 0usize..3 * UNIT_SIZE as usize), 1..16),
+        pages in prop::collection::vec((0u64..4, 1usize..4), 1..6),
+    ) {
+        let keys = keys();
+        let f = MemFile::default();
+        let mut fc = FileContents::open(&keys, &f, 0).unwrap();
+        let mut model: Vec<u8> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Write { off, len, seed } => {
+                    let data = pattern(len, seed);
+                    fc.write_at(&keys, &f, off, &data).unwrap();
+                    let end = off as usize + len;
+                    if len > 0 && model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[off as usize..off as usize + len].copy_from_slice(&data);
+                }
+                Op::Truncate(n) => {
+                    fc.set_len(&keys, &f, n).unwrap();
+                    model.resize(n as usize, 0);
+                }
+            }
+        }
+        let page_reads = pages
+            .into_iter()
+            .map(|(p, n)| (p * UNIT_SIZE, n * UNIT_SIZE as usize));
+        for (off, len) in reads.into_iter().chain(page_reads) {
+            let mut buf = vec![0xeeu8; len];
+            let n = fc.read_at(&f, off, &mut buf).unwrap();
+            let want = model.get(off as usize..).map(|s| &s[..s.len().min(len)]).unwrap_or(&[]);
+            prop_assert_eq!(&buf[..n], want, "read {} bytes at {}", len, off);
+        }
+    }
+}
+
 #[test]
 fn bad_file_headers_are_errors_not_panics() {
     let keys = keys();
@@ -220,6 +264,9 @@ impl Backing for FullDisk {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
+    fn file_len(&self) -> io::Result<u64> {
+        self.file.file_len()
+    }
     fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
         if off + len > self.capacity {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
@@ -249,4 +296,65 @@ fn a_full_disk_fails_the_write_before_touching_old_data() {
         assert_eq!(*disk.file.0.borrow(), before, "old size {old_len}");
         assert_eq!(read_all(&fc, &disk.file), old);
     }
+}
+
+/// A backing file that refuses the first truncate (a read-only open).
+struct NoTruncateOnce {
+    file: MemFile,
+    refused: std::cell::Cell<bool>,
+}
+
+impl Backing for NoTruncateOnce {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.file.read_at(buf, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, off)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if !self.refused.replace(true) {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        self.file.set_len(len)
+    }
+    fn file_len(&self) -> io::Result<u64> {
+        self.file.file_len()
+    }
+}
+
+#[test]
+fn a_tiny_header_on_a_longer_file_reads_tiny_and_is_truncated_before_a_change() {
+    let keys = keys();
+    // Make a 9000-byte file, then shrink it to 7 bytes but stop before the
+    // truncate: put the tiny header and ciphertext over the start by hand.
+    let f = MemFile::default();
+    let mut fc = FileContents::open(&keys, &f, 0).unwrap();
+    fc.write_at(&keys, &f, 0, &pattern(9000, 1)).unwrap();
+    let tiny = MemFile::default();
+    let mut tc = FileContents::open(&keys, &tiny, 0).unwrap();
+    tc.write_at(&keys, &tiny, 0, b"seven!!").unwrap();
+    let head = tiny.0.borrow().clone();
+    f.0.borrow_mut()[..head.len()].copy_from_slice(&head);
+    let stale = NoTruncateOnce {
+        file: f,
+        refused: std::cell::Cell::new(false),
+    };
+    let mut fc = FileContents::open(&keys, &stale, 32 + 9000).unwrap();
+    assert_eq!(fc.size(), 7);
+    assert_eq!(
+        stale.file.0.borrow().len(),
+        32 + 9000,
+        "open could not truncate"
+    );
+    let mut out = [0u8; 16];
+    assert_eq!(fc.read_at(&stale, 0, &mut out).unwrap(), 7);
+    assert_eq!(&out[..7], b"seven!!");
+    // Growing past the tiny limit truncates the stale bytes first: they must
+    // not come back as data.
+    fc.set_len(&keys, &stale, 5000).unwrap();
+    let mut want = b"seven!!".to_vec();
+    want.resize(5000, 0);
+    assert_eq!(read_all(&fc, &stale.file), want);
+    let reopened = FileContents::open(&keys, &stale.file, 32 + 5000).unwrap();
+    assert_eq!(read_all(&reopened, &stale.file), want);
 }

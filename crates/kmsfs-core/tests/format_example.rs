@@ -4,11 +4,12 @@
 mod common;
 
 use common::MemFile;
-use kmsfs_core::contents::FileContents;
+use kmsfs_core::contents::{encode_file_header, encode_tiny_file_header, FileContents};
 use kmsfs_core::header::{Header, KeySlot, KmsType, UnverifiedHeader};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 use kmsfs_core::names::{encrypt_name, EncryptedName};
 use kmsfs_core::secret::SecretBytes;
+use sha2::{Digest, Sha256};
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -67,12 +68,98 @@ fn contents_worked_example() {
     // plaintext as one ciphertext-stolen unit.
     let keys = example_keys();
     let nonce = [0xaau8; 16];
-    let f = MemFile(std::cell::RefCell::new(
-        kmsfs_core::contents::encode_file_header(&nonce).to_vec(),
-    ));
+    let f = MemFile(std::cell::RefCell::new(encode_file_header(&nonce).to_vec()));
     let mut fc = FileContents::open(&keys, &f, 32).unwrap();
     fc.write_at(&keys, &f, 0, b"Hello, kmsfs world!\n").unwrap();
     let stored = f.0.borrow().clone();
     println!("{}", hex(&stored));
     assert_eq!(hex(&stored), include_str!("format_example_file.hex").trim());
+}
+
+/// The documented ciphertext of a line of the example: `label hex`.
+fn documented(label: &str) -> String {
+    include_str!("format_example_units.txt")
+        .lines()
+        .find_map(|l| l.split_once(' ').filter(|(k, _)| *k == label))
+        .map(|(_, h)| h.trim().to_string())
+        .unwrap_or_else(|| panic!("no line {label} in format_example_units.txt"))
+}
+
+#[test]
+fn contents_unit_grid_worked_example() {
+    // 4100 bytes, byte i = i mod 251: unit 0 is plaintext [0, 4064) at
+    // backing [32, 4096), unit 1 is the 36 bytes [4064, 4100) at backing
+    // [4096, 4132), ciphertext-stolen.
+    let keys = example_keys();
+    let nonce = [0xaau8; 16];
+    let f = MemFile(std::cell::RefCell::new(encode_file_header(&nonce).to_vec()));
+    let mut fc = FileContents::open(&keys, &f, 32).unwrap();
+    let plain: Vec<u8> = (0..4100u32).map(|i| (i % 251) as u8).collect();
+    fc.write_at(&keys, &f, 0, &plain).unwrap();
+    let stored = f.0.borrow().clone();
+    assert_eq!(stored.len(), 4132);
+    let unit0_head = hex(&stored[32..64]);
+    let unit1 = hex(&stored[4096..]);
+    let sum = hex(&Sha256::digest(&stored));
+    println!("unit0-head {unit0_head}\nunit1 {unit1}\nsha256 {sum}");
+    assert_eq!(unit0_head, documented("unit0-head"));
+    assert_eq!(unit1, documented("unit1"));
+    assert_eq!(sum, documented("sha256"));
+    // Unit 1 alone is an XTS unit numbered 1 under the file key.
+    let cipher = keys.file_cipher(&nonce).unwrap();
+    let mut u1 = stored[4096..].to_vec();
+    cipher.decrypt_unit(&mut u1, 1).unwrap();
+    assert_eq!(u1, &plain[4064..]);
+}
+
+#[test]
+fn tiny_file_worked_example() {
+    // "hi!\n" under nonce bb…bb: a tiny header (flag 1, length 4), then the
+    // plaintext XOR the keystream block.
+    let keys = example_keys();
+    let nonce = [0xbbu8; 16];
+    let header = encode_tiny_file_header(&nonce, 4);
+    let mut bytes = header.to_vec();
+    bytes.extend_from_slice(&unhex(&documented("tiny-ct")));
+    println!("tiny {}", hex(&bytes));
+    assert_eq!(hex(&bytes), documented("tiny"));
+    // A longer backing file (a shrink cut short) reads the same 4 bytes.
+    bytes.extend_from_slice(&[0x5a; 40]);
+    let f = MemFile(std::cell::RefCell::new(bytes));
+    let fc = FileContents::open(&keys, &f, 76).unwrap();
+    assert_eq!(fc.size(), 4);
+    let mut out = [0u8; 8];
+    assert_eq!(fc.read_at(&f, 0, &mut out).unwrap(), 4);
+    assert_eq!(&out[..4], b"hi!\n");
+    // Opening truncates the stale bytes (the backing file is writable).
+    assert_eq!(f.0.borrow().len(), 36);
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn docs_show_the_checked_vectors() {
+    // docs/format.md prints the vectors the tests above check; keep them equal.
+    let doc: String = include_str!("../../../docs/format.md")
+        .split_whitespace()
+        .collect();
+    let header = include_str!("format_example_header.hex").trim();
+    // The header is printed in annotated pieces; its checksum and MAC last.
+    assert!(doc.contains(&header[header.len() - 128..header.len() - 64]));
+    assert!(doc.contains(&header[header.len() - 64..]));
+    let file = include_str!("format_example_file.hex").trim();
+    assert!(doc.contains(&file[64..]), "20-byte example ciphertext");
+    for label in ["unit0-head", "unit1", "sha256", "tiny-ct"] {
+        assert!(
+            doc.contains(&documented(label)),
+            "{label} missing from docs/format.md"
+        );
+    }
+    let tiny = documented("tiny");
+    assert!(doc.contains(&tiny[32..]), "tiny nonce + ciphertext");
 }

@@ -90,13 +90,16 @@ fn unknown_versions_and_features_are_refused() {
     let h = sample();
     let k = keys_for(&h);
     let bytes = h.encode(&k).unwrap();
-    let mut v2 = bytes.clone();
-    v2[8] = 2;
-    reseal(&mut v2);
-    assert_eq!(
-        UnverifiedHeader::parse(&v2).unwrap_err(),
-        HeaderError::UnsupportedVersion(2)
-    );
+    // Version 1 (the old unit grid) and a future version 3.
+    for version in [1u8, 3] {
+        let mut other = bytes.clone();
+        other[8] = version;
+        reseal(&mut other);
+        assert_eq!(
+            UnverifiedHeader::parse(&other).unwrap_err(),
+            HeaderError::UnsupportedVersion(u16::from(version))
+        );
+    }
     let mut feat = bytes.clone();
     feat[12] = 0x04;
     reseal(&mut feat);

@@ -29,4 +29,7 @@ impl Backing for MemFile {
         self.0.borrow_mut().resize(len as usize, 0);
         Ok(())
     }
+    fn file_len(&self) -> io::Result<u64> {
+        Ok(self.0.borrow().len() as u64)
+    }
 }
