@@ -50,6 +50,12 @@ impl Backing for Shared {
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
         self.0.read_at(buf, off)
     }
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], off: u64) -> std::io::Result<usize> {
+        self.0.read_vectored_at(bufs, off)
+    }
+    fn file_len(&self) -> std::io::Result<u64> {
+        self.0.file_len()
+    }
     fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         self.0.write_all_at(buf, off)
     }
@@ -194,6 +200,9 @@ mod tests {
         fn set_len(&self, len: u64) -> io::Result<()> {
             self.data.lock().unwrap().resize(len as usize, 0);
             Ok(())
+        }
+        fn file_len(&self) -> io::Result<u64> {
+            Ok(self.len())
         }
     }
 
