@@ -202,3 +202,69 @@ impl Drop for TcpProxy {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// A fresh backing directory (root IV only) and an empty mountpoint in a
+/// temporary directory, with a new master key: the starting point of the
+/// driver-level tests.
+pub struct TestFs {
+    /// Holds both directories; removed on drop.
+    pub tmp: tempfile::TempDir,
+    /// The backing directory.
+    pub cipher: PathBuf,
+    /// The mountpoint.
+    pub plain: PathBuf,
+    /// The key the mounts derive their subkeys from.
+    pub master: MasterKey,
+}
+
+impl TestFs {
+    /// Makes the directories and the key (panics on failure: test setup).
+    pub fn fresh() -> TestFs {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cipher = tmp.path().join("cipher");
+        let plain = tmp.path().join("plain");
+        std::fs::create_dir(&cipher).expect("cipher dir");
+        std::fs::create_dir(&plain).expect("mountpoint");
+        fresh_cipherdir(&cipher).expect("root iv");
+        TestFs {
+            tmp,
+            cipher,
+            plain,
+            master: MasterKey::generate().expect("key"),
+        }
+    }
+
+    /// Mounts, runs `f` on the plaintext root, unmounts.
+    pub fn with_mount<T>(&self, f: impl FnOnce(&Path) -> T) -> T {
+        let m = MountGuard::mount(&self.cipher, &self.plain, &self.master).expect("mount");
+        let out = f(&self.plain);
+        m.unmount().expect("unmount");
+        out
+    }
+}
+
+/// A size-limited tmpfs mounted at a directory (a store that fills up),
+/// unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`16m`, ...) at `dir` (panics on failure).
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "cannot mount a tmpfs at {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

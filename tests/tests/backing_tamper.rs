@@ -6,57 +6,28 @@
 //!
 //! Real FUSE mounts of the driver (no KMS: keys are made in the test).
 
-use kmsfs_core::keys::{FsKeys, MasterKey};
+use kmsfs_core::keys::FsKeys;
 use kmsfs_core::layout::read_dir_iv;
 use kmsfs_core::names::encrypt_name;
-use kmsfs_e2e::fuse::{fresh_cipherdir, MountGuard, Rng, TEST_UUID};
+use kmsfs_e2e::fuse::{Rng, TestFs, TEST_UUID};
 use std::fs::{self, File};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use tempfile::TempDir;
 
 /// Bytes before the first data unit in a backing file.
 const FILE_HEADER: usize = 32;
 const UNIT: usize = 4096;
 
-struct Setup {
-    _tmp: TempDir,
-    cipher: PathBuf,
-    plain: PathBuf,
-    master: MasterKey,
+fn setup() -> TestFs {
+    TestFs::fresh()
 }
 
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cipher = tmp.path().join("cipher");
-    let plain = tmp.path().join("plain");
-    fs::create_dir(&cipher).expect("cipher");
-    fs::create_dir(&plain).expect("plain");
-    fresh_cipherdir(&cipher).expect("root iv");
-    Setup {
-        _tmp: tmp,
-        cipher,
-        plain,
-        master: MasterKey::generate().expect("key"),
-    }
-}
-
-impl Setup {
-    /// Mounts, runs `f` on the plaintext root, unmounts.
-    fn with_mount<T>(&self, f: impl FnOnce(&Path) -> T) -> T {
-        let m = MountGuard::mount(&self.cipher, &self.plain, &self.master).expect("mount");
-        let out = f(&self.plain);
-        m.unmount().expect("unmount");
-        out
-    }
-
-    /// The backing path of `name` in the backing directory `dir`.
-    fn backing(&self, dir: &Path, name: &str) -> PathBuf {
-        let keys = FsKeys::derive(&self.master, &TEST_UUID);
-        let iv = read_dir_iv(File::open(dir).expect("open dir").as_fd()).expect("iv");
-        let enc = encrypt_name(&keys, &iv, name.as_bytes()).expect("encrypt name");
-        dir.join(enc.backing_name())
-    }
+/// The backing path of `name` in the backing directory `dir`.
+fn backing(s: &TestFs, dir: &Path, name: &str) -> PathBuf {
+    let keys = FsKeys::derive(&s.master, &TEST_UUID);
+    let iv = read_dir_iv(File::open(dir).expect("open dir").as_fd()).expect("iv");
+    let enc = encrypt_name(&keys, &iv, name.as_bytes()).expect("encrypt name");
+    dir.join(enc.backing_name())
 }
 
 fn edit(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
@@ -70,7 +41,7 @@ fn a_zeroed_unit_reads_as_zeros_and_a_changed_unit_as_other_bytes() {
     let s = setup();
     let data = Rng::new(5).bytes(3 * UNIT);
     s.with_mount(|p| fs::write(p.join("f"), &data).expect("write"));
-    let f = s.backing(&s.cipher, "f");
+    let f = backing(&s, &s.cipher, "f");
 
     // Zeroed ciphertext is a hole: unit 1 reads as zeros, without an error.
     edit(&f, |b| {
@@ -95,7 +66,7 @@ fn a_zeroed_unit_reads_as_zeros_and_a_changed_unit_as_other_bytes() {
 fn a_bit_flip_in_a_tiny_file_flips_the_same_plaintext_bit() {
     let s = setup();
     s.with_mount(|p| fs::write(p.join("pin"), b"secret").expect("write"));
-    edit(&s.backing(&s.cipher, "pin"), |b| b[FILE_HEADER] ^= 0x01);
+    edit(&backing(&s, &s.cipher, "pin"), |b| b[FILE_HEADER] ^= 0x01);
     let back = s.with_mount(|p| fs::read(p.join("pin")).expect("read"));
     assert_eq!(back, b"recret", "1..15-byte files are a keystream XOR");
 }
@@ -110,9 +81,9 @@ fn whole_files_can_be_swapped_rolled_back_or_truncated() {
         fs::write(p.join("big"), &big).expect("big");
     });
     let (a, b, bigp) = (
-        s.backing(&s.cipher, "a"),
-        s.backing(&s.cipher, "b"),
-        s.backing(&s.cipher, "big"),
+        backing(&s, &s.cipher, "a"),
+        backing(&s, &s.cipher, "b"),
+        backing(&s, &s.cipher, "big"),
     );
     let old_a = fs::read(&a).expect("old a");
     s.with_mount(|p| fs::write(p.join("a"), b"new contents of file a").expect("a"));
@@ -156,7 +127,7 @@ fn entries_swapped_in_a_directory_are_not_detected_moved_ones_vanish() {
         fs::write(p.join("y"), b"y's data").expect("y");
         fs::create_dir(p.join("d")).expect("d");
     });
-    let (x, y) = (s.backing(&s.cipher, "x"), s.backing(&s.cipher, "y"));
+    let (x, y) = (backing(&s, &s.cipher, "x"), backing(&s, &s.cipher, "y"));
     let tmp = s.cipher.join("swap.tmp");
     fs::rename(&x, &tmp).expect("rename");
     fs::rename(&y, &x).expect("rename");
@@ -174,7 +145,7 @@ fn entries_swapped_in_a_directory_are_not_detected_moved_ones_vanish() {
 
     // Moved into another directory, its name no longer decrypts (the
     // directory IV is associated data): it is not shown there.
-    let d = s.backing(&s.cipher, "d");
+    let d = backing(&s, &s.cipher, "d");
     fs::rename(&x, d.join(x.file_name().expect("name"))).expect("move");
     let (listed, root_has_x) = s.with_mount(|p| {
         (
@@ -193,7 +164,7 @@ fn swapped_symlink_targets_are_not_detected() {
         std::os::unix::fs::symlink("/target/one", p.join("l1")).expect("l1");
         std::os::unix::fs::symlink("/target/two", p.join("l2")).expect("l2");
     });
-    let (l1, l2) = (s.backing(&s.cipher, "l1"), s.backing(&s.cipher, "l2"));
+    let (l1, l2) = (backing(&s, &s.cipher, "l1"), backing(&s, &s.cipher, "l2"));
     let (t1, t2) = (
         fs::read_link(&l1).expect("t1"),
         fs::read_link(&l2).expect("t2"),

@@ -14,8 +14,7 @@
 //! version. A unit torn by a cut `pwrite` fails the first check: its
 //! never-written (zero) ciphertext decrypts to noise.
 
-use kmsfs_e2e::bao::{write_token_file, BaoServer};
-use kmsfs_e2e::cli::Kmsfs;
+use kmsfs_e2e::cli::CliEnv;
 use kmsfs_e2e::fuse::{daemon_pids, force_unmount, CliMountGuard, Rng};
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -24,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
 const CHUNKS: u64 = 4;
@@ -32,55 +30,6 @@ const FILE_LEN: u64 = CHUNKS * MIB as u64;
 const ROUNDS: u64 = 52;
 /// Position tags are XORed with this so that a zero cell is never valid data.
 const TAG: u64 = 0x6b6d_7366_7300_0000;
-
-struct Env {
-    _server: BaoServer,
-    _dir: TempDir,
-    kmsfs: Kmsfs,
-    cipher: PathBuf,
-    plain: PathBuf,
-}
-
-impl Env {
-    async fn new() -> Env {
-        let server = BaoServer::start().await.expect("bao server");
-        server.create_key("kmsfs", false).await.expect("key");
-        server
-            .put_policy("kmsfs", &BaoServer::transit_policy("kmsfs"))
-            .await
-            .expect("policy");
-        let token = server.create_token(&["kmsfs"], "1h").await.expect("token");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let token_file = write_token_file(dir.path(), "token", &token).expect("token file");
-        let kmsfs = Kmsfs::new(dir.path().join("etc/kms.toml"));
-        let addr = server.addr().to_string();
-        let tf = token_file.to_str().expect("utf-8");
-        kmsfs
-            .run_async(&["kms", "set", "vault", &addr, "kmsfs", "--token-file", tf])
-            .await
-            .ok();
-        let cipher = dir.path().join("cipher");
-        let plain = dir.path().join("plain");
-        fs::create_dir_all(&plain).expect("mountpoint");
-        kmsfs
-            .run_async(&["create", cipher.to_str().expect("utf-8")])
-            .await
-            .ok();
-        Env {
-            _server: server,
-            _dir: dir,
-            kmsfs,
-            cipher,
-            plain,
-        }
-    }
-
-    async fn mount(&self) {
-        let c = self.cipher.to_str().expect("utf-8");
-        let p = self.plain.to_str().expect("utf-8");
-        self.kmsfs.run_async(&["mount", c, p]).await.ok();
-    }
-}
 
 /// 1 MiB with 4 KiB alignment, as `O_DIRECT` wants.
 #[repr(C, align(4096))]
@@ -202,10 +151,11 @@ fn kill_daemon(plain: &Path) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_during_large_overwrites_tears_no_unit() {
-    let env = Env::new().await;
-    let _guard = CliMountGuard(env.plain.clone());
-    env.mount().await;
-    let target = env.plain.join("target");
+    let env = CliEnv::new().await;
+    let (cipher, plain) = env.create("crash").await;
+    let _guard = CliMountGuard(plain.clone());
+    env.mount(&cipher, &plain, &[]).await.ok();
+    let target = plain.join("target");
     let mut rng = Rng::new(2024);
     let mut total_torn = 0;
     let mut first_torn = None;
@@ -229,14 +179,14 @@ async fn sigkill_during_large_overwrites_tears_no_unit() {
             move || writer(target, direct, seed, stop)
         });
         tokio::time::sleep(Duration::from_millis(20 + rng.below(180))).await;
-        kill_daemon(&env.plain);
+        kill_daemon(&plain);
         stop.store(true, Ordering::Relaxed);
         let issued = w.join().expect("writer");
         if issued.values().map(HashSet::len).sum::<usize>() > 1 {
             rounds_with_writes += 1;
         }
-        force_unmount(&env.plain);
-        env.mount().await;
+        force_unmount(&plain);
+        env.mount(&cipher, &plain, &[]).await.ok();
         let data = fs::read(&target).expect("read after remount");
         assert_eq!(data.len() as u64, FILE_LEN, "round {round}: size changed");
         let (torn, first) = torn_units(&data, &issued);
@@ -253,5 +203,5 @@ async fn sigkill_during_large_overwrites_tears_no_unit() {
         total_torn, 0,
         "{total_torn} torn units over {ROUNDS} SIGKILLs; first: {first_torn:?}"
     );
-    force_unmount(&env.plain);
+    force_unmount(&plain);
 }

@@ -1,33 +1,14 @@
 //! The FUSE driver on a real mount (no KMS: keys are made in the test).
 
 use kmsfs_core::keys::MasterKey;
-use kmsfs_e2e::fuse::{fresh_cipherdir, MountGuard, Rng};
+use kmsfs_e2e::fuse::{fresh_cipherdir, MountGuard, Rng, TestFs, Tmpfs};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use tempfile::TempDir;
 
-struct Setup {
-    _tmp: TempDir,
-    cipher: std::path::PathBuf,
-    plain: std::path::PathBuf,
-    master: MasterKey,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let cipher = tmp.path().join("cipher");
-    let plain = tmp.path().join("plain");
-    fs::create_dir(&cipher).unwrap();
-    fs::create_dir(&plain).unwrap();
-    fresh_cipherdir(&cipher).unwrap();
-    Setup {
-        _tmp: tmp,
-        cipher,
-        plain,
-        master: MasterKey::generate().unwrap(),
-    }
+fn setup() -> TestFs {
+    TestFs::fresh()
 }
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -286,18 +267,6 @@ fn truncate_extend_and_sparse_files() {
     m.unmount().unwrap();
 }
 
-/// A small tmpfs, unmounted on drop.
-struct SmallTmpfs(std::path::PathBuf);
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_returns_enospc_and_damages_nothing() {
     full_disk(false);
@@ -317,13 +286,7 @@ fn full_disk(no_writeback: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let backing = tmp.path().join("small");
     fs::create_dir(&backing).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&backing)
-        .status()
-        .unwrap();
-    assert!(st.success(), "cannot mount a tmpfs");
-    let _tmpfs = SmallTmpfs(backing.clone());
+    let _tmpfs = Tmpfs::mount(&backing, "4m");
     let cipher = backing.join("cipher");
     let plain = tmp.path().join("plain");
     fs::create_dir(&cipher).unwrap();

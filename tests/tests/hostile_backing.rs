@@ -3,34 +3,15 @@
 //! never calls fsync. Real mounts, keys made in the test.
 
 use kmsfs_core::keys::MasterKey;
-use kmsfs_e2e::fuse::{fresh_cipherdir, MountGuard};
+use kmsfs_e2e::fuse::{fresh_cipherdir, MountGuard, TestFs, Tmpfs};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
-use tempfile::TempDir;
 
-struct Setup {
-    _tmp: TempDir,
-    cipher: PathBuf,
-    plain: PathBuf,
-    master: MasterKey,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let cipher = tmp.path().join("cipher");
-    let plain = tmp.path().join("plain");
-    fs::create_dir(&cipher).unwrap();
-    fs::create_dir(&plain).unwrap();
-    fresh_cipherdir(&cipher).unwrap();
-    Setup {
-        _tmp: tmp,
-        cipher,
-        plain,
-        master: MasterKey::generate().unwrap(),
-    }
+fn setup() -> TestFs {
+    TestFs::fresh()
 }
 
 /// The backing directory of the only subdirectory of `cipher`.
@@ -128,7 +109,7 @@ fn a_symlink_planted_as_a_directory_iv_is_not_followed() {
 fn a_second_mount_of_one_backing_directory_is_refused() {
     let s = setup();
     let m = MountGuard::mount(&s.cipher, &s.plain, &s.master).unwrap();
-    let other = s._tmp.path().join("plain2");
+    let other = s.tmp.path().join("plain2");
     fs::create_dir(&other).unwrap();
     let err = match MountGuard::mount(&s.cipher, &other, &s.master) {
         Ok(_) => panic!("a second daemon over the same backing directory was allowed"),
@@ -139,30 +120,6 @@ fn a_second_mount_of_one_backing_directory_is_refused() {
     // Once the first is gone the directory mounts again.
     let m = MountGuard::mount(&s.cipher, &other, &s.master).unwrap();
     m.unmount().unwrap();
-}
-
-/// A tmpfs mounted at `dir`, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "cannot mount a tmpfs");
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]
