@@ -188,6 +188,21 @@ mod tests {
             buf[..n].copy_from_slice(&d[off..off + n]);
             Ok(n)
         }
+        /// One call, like the `preadv` it stands for: counted once.
+        fn read_vectored_at(&self, bufs: &mut [&mut [u8]], off: u64) -> io::Result<usize> {
+            if self.reads.fetch_add(1, Ordering::SeqCst) == self.fail_on {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let d = self.data.lock().unwrap();
+            let mut pos = (off as usize).min(d.len());
+            let start = pos;
+            for buf in bufs.iter_mut() {
+                let n = buf.len().min(d.len() - pos);
+                buf[..n].copy_from_slice(&d[pos..pos + n]);
+                pos += n;
+            }
+            Ok(pos - start)
+        }
         fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
             let mut d = self.data.lock().unwrap();
             let end = off as usize + buf.len();
