@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 
 /// Bytes before the first data unit in a backing file.
 const FILE_HEADER: usize = 32;
+/// Units sit on backing pages: unit 0 is plaintext [0, 4064), unit i ≥ 1
+/// is backing page i, plaintext [4096·i − 32, 4096·i + 4064).
 const UNIT: usize = 4096;
+/// Plaintext end of unit 0.
+const UNIT0_END: usize = UNIT - FILE_HEADER;
 
 fn setup() -> TestFs {
     TestFs::fresh()
@@ -45,12 +49,12 @@ fn a_zeroed_unit_reads_as_zeros_and_a_changed_unit_as_other_bytes() {
 
     // Zeroed ciphertext is a hole: unit 1 reads as zeros, without an error.
     edit(&f, |b| {
-        b[FILE_HEADER + UNIT..FILE_HEADER + 2 * UNIT].fill(0)
+        b[UNIT..2 * UNIT].fill(0)
     });
     let back = s.with_mount(|p| fs::read(p.join("f")).expect("read"));
-    assert_eq!(&back[UNIT..2 * UNIT], &[0u8; UNIT][..]);
-    assert_eq!(&back[..UNIT], &data[..UNIT]);
-    assert_eq!(&back[2 * UNIT..], &data[2 * UNIT..]);
+    assert_eq!(&back[UNIT0_END..UNIT0_END + UNIT], &[0u8; UNIT][..]);
+    assert_eq!(&back[..UNIT0_END], &data[..UNIT0_END]);
+    assert_eq!(&back[UNIT0_END + UNIT..], &data[UNIT0_END + UNIT..]);
 
     // One flipped ciphertext bit: the 16-byte XTS block holding it (bytes
     // 96..112 of unit 0) reads as other bytes, the rest as before; no error.
@@ -58,8 +62,8 @@ fn a_zeroed_unit_reads_as_zeros_and_a_changed_unit_as_other_bytes() {
     let back = s.with_mount(|p| fs::read(p.join("f")).expect("read"));
     assert_ne!(&back[96..112], &data[96..112]);
     assert_eq!(&back[..96], &data[..96]);
-    assert_eq!(&back[112..UNIT], &data[112..UNIT]);
-    assert_eq!(&back[2 * UNIT..], &data[2 * UNIT..]);
+    assert_eq!(&back[112..UNIT0_END], &data[112..UNIT0_END]);
+    assert_eq!(&back[UNIT0_END + UNIT..], &data[UNIT0_END + UNIT..]);
 }
 
 #[test]
@@ -107,7 +111,7 @@ fn whole_files_can_be_swapped_rolled_back_or_truncated() {
         .write(true)
         .open(&bigp)
         .expect("open")
-        .set_len((FILE_HEADER + UNIT) as u64)
+        .set_len(UNIT as u64)
         .expect("truncate");
     let (a_read, big_read) = s.with_mount(|p| {
         (
@@ -116,7 +120,7 @@ fn whole_files_can_be_swapped_rolled_back_or_truncated() {
         )
     });
     assert_eq!(a_read, b"contents of file a");
-    assert_eq!(big_read, &big[..UNIT]);
+    assert_eq!(big_read, &big[..UNIT0_END]);
 }
 
 #[test]
