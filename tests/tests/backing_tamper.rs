@@ -48,9 +48,7 @@ fn a_zeroed_unit_reads_as_zeros_and_a_changed_unit_as_other_bytes() {
     let f = backing(&s, &s.cipher, "f");
 
     // Zeroed ciphertext is a hole: unit 1 reads as zeros, without an error.
-    edit(&f, |b| {
-        b[UNIT..2 * UNIT].fill(0)
-    });
+    edit(&f, |b| b[UNIT..2 * UNIT].fill(0));
     let back = s.with_mount(|p| fs::read(p.join("f")).expect("read"));
     assert_eq!(&back[UNIT0_END..UNIT0_END + UNIT], &[0u8; UNIT][..]);
     assert_eq!(&back[..UNIT0_END], &data[..UNIT0_END]);

@@ -1,4 +1,5 @@
-//! The backing directory's own files: directory IVs and long-name sidecars.
+//! The backing directory's own files: the filesystem header (read side),
+//! directory IVs and long-name sidecars.
 //!
 //! Every writer (the FUSE driver, `kmsfs create`, the test harness) and every
 //! reader (the driver, `kmsfs fsck`, mount-time checks) goes through this
@@ -18,6 +19,7 @@
 //! itself durable is the job of whoever makes the directory durable
 //! (`fsync` on the directory, as for any file).
 
+use crate::header::{HEADER_FILE_NAME, MAX_HEADER_LEN};
 use crate::names::{long_name_for, EncryptedName, DIR_IV_LEN, LONGNAME_SUFFIX};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -98,6 +100,16 @@ pub fn read_dir_iv(dir: BorrowedFd<'_>) -> io::Result<[u8; DIR_IV_LEN]> {
     f.read_exact(&mut iv)
         .map_err(|e| io::Error::new(e.kind(), format!("reading {DIR_IV_NAME}: {e}")))?;
     Ok(iv)
+}
+
+/// Reads the filesystem header file of the backing directory `dir`: a
+/// regular file of at most [`MAX_HEADER_LEN`] bytes, opened without
+/// following a symlink or blocking on a FIFO planted in its place.
+pub fn read_header_file(dir: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let (mut f, len) = open_regular(dir, HEADER_FILE_NAME, MAX_HEADER_LEN as u64)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Creates the directory IV file of the new backing directory `dir` with a
@@ -231,6 +243,27 @@ mod tests {
             read_dir_iv(d.as_fd()).unwrap_err().kind(),
             io::ErrorKind::InvalidData
         );
+    }
+
+    #[test]
+    fn a_planted_header_fifo_or_symlink_is_refused_without_blocking() {
+        let (t, d) = dir();
+        let p = t.path().join(HEADER_FILE_NAME);
+        assert_eq!(
+            read_header_file(d.as_fd()).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        std::fs::write(&p, b"header bytes").unwrap();
+        assert_eq!(read_header_file(d.as_fd()).unwrap(), b"header bytes");
+        std::fs::remove_file(&p).unwrap();
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid path string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_header_file(d.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &p).unwrap();
+        assert!(read_header_file(d.as_fd()).is_err());
     }
 
     #[test]

@@ -33,13 +33,28 @@ pub fn read_header(cipherdir: &Path) -> anyhow::Result<UnverifiedHeader> {
 
 /// Like [`read_header`], also returning the file's bytes.
 pub fn read_header_bytes(cipherdir: &Path) -> anyhow::Result<(Vec<u8>, UnverifiedHeader)> {
+    let dir = std::fs::File::open(cipherdir)
+        .with_context(|| format!("cannot open {}", cipherdir.display()))?;
+    read_header_at(std::os::fd::AsFd::as_fd(&dir), cipherdir)
+}
+
+/// Reads and parses the header through `dir`, an open descriptor of
+/// `cipherdir`: a symlink or FIFO planted in its place is refused, never
+/// followed or blocked on.
+pub fn read_header_at(
+    dir: std::os::fd::BorrowedFd<'_>,
+    cipherdir: &Path,
+) -> anyhow::Result<(Vec<u8>, UnverifiedHeader)> {
     let path = header_path(cipherdir);
-    let bytes = match std::fs::read(&path) {
+    let bytes = match kmsfs_core::layout::read_header_file(dir) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             anyhow::bail!("not a kmsfs filesystem: {} not found", path.display())
         }
-        Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+        Err(e) => anyhow::bail!(
+            "cannot read {}: {e}; restore it from a backup (kmsfs.header.bak if a rewrap was interrupted)",
+            path.display()
+        ),
     };
     let hdr = UnverifiedHeader::parse(&bytes).map_err(|e| header_error(&path, &e))?;
     Ok((bytes, hdr))

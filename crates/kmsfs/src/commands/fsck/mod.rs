@@ -12,13 +12,12 @@ pub mod report;
 mod sys;
 mod walk;
 
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Mutex};
 
 use anyhow::Context as _;
-use kmsfs_core::header::{UnverifiedHeader, HEADER_FILE_NAME, MAX_HEADER_LEN};
 use kmsfs_core::keys::FsKeys;
 
 use crate::commands::{absolute, client, print_json, runtime};
@@ -81,37 +80,12 @@ fn check(config_path: &Path, args: &FsckArgs) -> anyhow::Result<Report> {
     let cipherdir = absolute(&args.cipherdir)?;
     let root = sys::open_root(&cipherdir)
         .with_context(|| format!("cannot open the backing directory {}", cipherdir.display()))?;
-    let hdr = read_header_at(&root, &cipherdir)?;
+    let (_, hdr) = crate::fsheader::read_header_at(root.as_fd(), &cipherdir)?;
     let cfg = load_kms_config(config_path)?;
     let client = client(&cfg)?;
     let (_header, keys, master) = runtime()?.block_on(unlock(&client, &cipherdir, hdr))?;
     drop(master);
     check_tree(&keys, &root, &cipherdir, args.repair)
-}
-
-/// Reads and parses `kmsfs.header` through the already-open backing
-/// directory, refusing a symlink or FIFO planted in its place (a path-based
-/// read could follow the one or block on the other).
-fn read_header_at(root: &OwnedFd, cipherdir: &Path) -> anyhow::Result<UnverifiedHeader> {
-    let path = cipherdir.join(HEADER_FILE_NAME);
-    let (file, _) = sys::open_file(root.as_fd(), HEADER_FILE_NAME.as_bytes()).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::anyhow!("not a kmsfs filesystem: {} not found", path.display())
-        } else {
-            anyhow::anyhow!("{}: {e}; restore it from a backup", path.display())
-        }
-    })?;
-    let mut bytes = Vec::new();
-    file.take(MAX_HEADER_LEN as u64 + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    UnverifiedHeader::parse(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {e}; the header is damaged: restore it from a backup \
-             (kmsfs.header.bak if a rewrap was interrupted)",
-            path.display()
-        )
-    })
 }
 
 /// Checks the tree below `root` with the filesystem's keys.
