@@ -33,8 +33,14 @@ pub fn read_header(cipherdir: &Path) -> anyhow::Result<UnverifiedHeader> {
 
 /// Like [`read_header`], also returning the file's bytes.
 pub fn read_header_bytes(cipherdir: &Path) -> anyhow::Result<(Vec<u8>, UnverifiedHeader)> {
-    let dir = std::fs::File::open(cipherdir)
-        .with_context(|| format!("cannot open {}", cipherdir.display()))?;
+    let dir = match std::fs::File::open(cipherdir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
+            "not a kmsfs filesystem: {} not found",
+            header_path(cipherdir).display()
+        ),
+        Err(e) => anyhow::bail!("cannot open {}: {e}", cipherdir.display()),
+    };
     read_header_at(std::os::fd::AsFd::as_fd(&dir), cipherdir)
 }
 
