@@ -1,6 +1,7 @@
 //! What an attacker who can write the backing directory achieves against
 //! file contents, entries and symlinks, as `docs/threat-model.md` states
-//! it. Most of these changes are NOT detected: the tests pin down exactly
+//! it. Most changes to file contents and whole entries are NOT detected
+//! (symlink targets are: they are bound to their entry): the tests pin down exactly
 //! what a reader then sees, so the document cannot claim more (and must
 //! change when detection is added).
 //!
@@ -160,27 +161,44 @@ fn entries_swapped_in_a_directory_are_not_detected_moved_ones_vanish() {
 }
 
 #[test]
-fn swapped_symlink_targets_are_not_detected() {
+fn a_symlink_target_swapped_or_moved_to_another_entry_reads_as_an_error() {
     let s = setup();
     s.with_mount(|p| {
         std::os::unix::fs::symlink("/target/one", p.join("l1")).expect("l1");
         std::os::unix::fs::symlink("/target/two", p.join("l2")).expect("l2");
+        fs::create_dir(p.join("d")).expect("mkdir");
+        std::os::unix::fs::symlink("/target/three", p.join("d/l1")).expect("d/l1");
     });
     let (l1, l2) = (backing(&s, &s.cipher, "l1"), backing(&s, &s.cipher, "l2"));
+    let d = backing(&s, &s.cipher, "d");
+    let dl1 = backing(&s, &d, "l1");
     let (t1, t2) = (
         fs::read_link(&l1).expect("t1"),
         fs::read_link(&l2).expect("t2"),
     );
-    fs::remove_file(&l1).expect("rm");
-    fs::remove_file(&l2).expect("rm");
-    std::os::unix::fs::symlink(&t2, &l1).expect("l1");
-    std::os::unix::fs::symlink(&t1, &l2).expect("l2");
+    // Swap the two targets in one directory, and give d/l1 the root l1's
+    // target (same plaintext name, other directory).
+    for (link, target) in [(&l1, &t2), (&l2, &t1), (&dl1, &t1)] {
+        fs::remove_file(link).expect("rm");
+        std::os::unix::fs::symlink(target, link).expect("plant");
+    }
+    s.with_mount(|p| {
+        for name in ["l1", "l2", "d/l1"] {
+            let e = fs::read_link(p.join(name)).expect_err(name);
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
+        }
+    });
+    // Put back, they read as before: the error came from the binding.
+    for (link, target) in [(&l1, &t1), (&l2, &t2)] {
+        fs::remove_file(link).expect("rm");
+        std::os::unix::fs::symlink(target, link).expect("restore");
+    }
     let (r1, r2) = s.with_mount(|p| {
         (
             fs::read_link(p.join("l1")).expect("l1"),
             fs::read_link(p.join("l2")).expect("l2"),
         )
     });
-    assert_eq!(r1, Path::new("/target/two"));
-    assert_eq!(r2, Path::new("/target/one"));
+    assert_eq!(r1, Path::new("/target/one"));
+    assert_eq!(r2, Path::new("/target/two"));
 }

@@ -478,6 +478,36 @@ async fn fsck_reports_each_kind_of_damage_by_path() {
     let v = env.fsck_json(&c, &[], LEFT).await;
     only(&v, "symlink", &t.link, Some("/sub/link"));
 
+    // A symlink moved to another entry's name: its target is bound to the
+    // old entry, so it is refused there.
+    let c = env.copy();
+    let t = tree(&c);
+    // (Into the place of a long-named file, whose sidecar stays: the name
+    // still decrypts, only the target does not.)
+    let moved = t.long_l.clone();
+    fs::remove_file(&moved).unwrap();
+    fs::rename(&t.link, &moved).unwrap();
+    let v = env.fsck_json(&c, &[], LEFT).await;
+    let p = of_kind(&v, "symlink");
+    assert_eq!(p.len(), 1, "{v:#}");
+    assert_eq!(p[0]["backing_path"], moved.to_str().unwrap(), "{v:#}");
+
+    // A temporary copy left by an interrupted symlink rename: reported,
+    // removed by --repair, then clean.
+    let c = env.copy();
+    let t = tree(&c);
+    let tmp = t.link.with_file_name("kmsfs.tmp.00112233aabbccdd");
+    std::os::unix::fs::symlink(fs::read_link(&t.link).unwrap(), &tmp).unwrap();
+    let v = env.fsck_json(&c, &[], LEFT).await;
+    only(&v, "leftover_temp", &tmp, None);
+    let v = env.fsck_json(&c, &["--repair"], CORRECTED).await;
+    assert_eq!(of_kind(&v, "leftover_temp").len(), 1, "{v:#}");
+    assert!(
+        fs::symlink_metadata(&tmp).is_err(),
+        "--repair left the temporary entry"
+    );
+    env.fsck_json(&c, &[], CLEAN).await;
+
     // A foreign file and several problems at once; the text report names
     // each problem's backing path, as the JSON does.
     let c = env.copy();

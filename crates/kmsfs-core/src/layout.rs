@@ -36,6 +36,19 @@ pub const SIDECAR_MODE: u32 = 0o400;
 /// under 400 bytes, so anything bigger was not written by kmsfs.
 const MAX_SIDECAR_LEN: u64 = 1024;
 
+/// Prefix of a temporary entry (a symlink being re-created for a rename).
+/// Encrypted names contain no `.`, so it never collides with one; an entry
+/// left with this prefix by a crash holds nothing that is not also under
+/// its old name, and `kmsfs fsck --repair` removes it.
+pub const TEMP_PREFIX: &str = "kmsfs.tmp.";
+
+/// A fresh temporary entry name: [`TEMP_PREFIX`] and 16 random hex digits.
+pub fn temp_name() -> io::Result<String> {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).map_err(|e| io::Error::other(format!("no randomness: {e}")))?;
+    Ok(format!("{TEMP_PREFIX}{:016x}", u64::from_le_bytes(r)))
+}
+
 /// The name of the sidecar file of the hashed long name `hashed`.
 pub fn sidecar_name(hashed: &str) -> String {
     format!("{hashed}{LONGNAME_SUFFIX}")

@@ -15,10 +15,13 @@
 //!
 //! Symlink targets are not looked up, so they get randomised encryption:
 //! AES-256-GCM under a random 96-bit nonce, stored as
-//! base64url(nonce ‖ ciphertext ‖ tag).
+//! base64url(nonce ‖ ciphertext ‖ tag). The associated data binds a target
+//! to its entry ([`SymlinkBinding`]: the directory IV and the backing name),
+//! so a target moved to another entry by someone who can write the backing
+//! store fails to decrypt; renaming a symlink therefore re-encrypts it.
 
 use crate::keys::FsKeys;
-use aes_gcm::aead::{Aead, KeyInit as _};
+use aes_gcm::aead::{Aead, KeyInit as _, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use aes_siv::siv::Aes256Siv;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -209,8 +212,38 @@ fn gcm(keys: &FsKeys) -> Aes256Gcm {
     Aes256Gcm::new(aes_gcm::Key::<Aes256Gcm>::from_slice(keys.symlinks_key()))
 }
 
-/// Encrypts a symlink target (randomised: equal targets encrypt differently).
-pub fn encrypt_symlink(keys: &FsKeys, target: &[u8]) -> Result<String, NameError> {
+/// Associated data label of symlink targets (format version 2).
+const SYMLINK_AD_LABEL: &[u8] = b"kmsfs symlink";
+
+/// The entry a symlink target belongs to: the IV of its directory and its
+/// backing name (for a long name, the hashed `kmsfs.longname.…` entry name,
+/// which commits to the full encoded name through SHA-256).
+#[derive(Debug, Clone, Copy)]
+pub struct SymlinkBinding<'a> {
+    /// IV of the directory holding the symlink.
+    pub dir_iv: &'a [u8; DIR_IV_LEN],
+    /// The symlink's backing entry name.
+    pub backing_name: &'a [u8],
+}
+
+impl SymlinkBinding<'_> {
+    fn associated_data(&self) -> Vec<u8> {
+        let mut ad =
+            Vec::with_capacity(SYMLINK_AD_LABEL.len() + DIR_IV_LEN + self.backing_name.len());
+        ad.extend_from_slice(SYMLINK_AD_LABEL);
+        ad.extend_from_slice(self.dir_iv);
+        ad.extend_from_slice(self.backing_name);
+        ad
+    }
+}
+
+/// Encrypts a symlink target for the entry `binding` (randomised: equal
+/// targets encrypt differently).
+pub fn encrypt_symlink(
+    keys: &FsKeys,
+    target: &[u8],
+    binding: SymlinkBinding<'_>,
+) -> Result<String, NameError> {
     if target.is_empty() || target.contains(&0) {
         return Err(NameError::Invalid);
     }
@@ -219,8 +252,15 @@ pub fn encrypt_symlink(keys: &FsKeys, target: &[u8]) -> Result<String, NameError
     }
     let mut nonce = [0u8; GCM_NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|_| NameError::Invalid)?;
+    let ad = binding.associated_data();
     let ct = gcm(keys)
-        .encrypt(Nonce::from_slice(&nonce), target)
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: target,
+                aad: &ad,
+            },
+        )
         .map_err(|_| NameError::Invalid)?;
     let mut out = Vec::with_capacity(GCM_NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
@@ -228,8 +268,13 @@ pub fn encrypt_symlink(keys: &FsKeys, target: &[u8]) -> Result<String, NameError
     Ok(URL_SAFE_NO_PAD.encode(out))
 }
 
-/// Decrypts a stored symlink target.
-pub fn decrypt_symlink(keys: &FsKeys, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+/// Decrypts the stored target of the symlink entry `binding`; a target
+/// stored for another entry fails with [`NameError::Tampered`].
+pub fn decrypt_symlink(
+    keys: &FsKeys,
+    stored: &[u8],
+    binding: SymlinkBinding<'_>,
+) -> Result<Vec<u8>, NameError> {
     let raw = URL_SAFE_NO_PAD
         .decode(stored)
         .map_err(|_| NameError::BadEncoding)?;
@@ -237,7 +282,23 @@ pub fn decrypt_symlink(keys: &FsKeys, stored: &[u8]) -> Result<Vec<u8>, NameErro
         return Err(NameError::BadEncoding);
     }
     let (nonce, ct) = raw.split_at(GCM_NONCE_LEN);
+    let ad = binding.associated_data();
     gcm(keys)
-        .decrypt(Nonce::from_slice(nonce), ct)
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &ad })
         .map_err(|_| NameError::Tampered)
+}
+
+/// The plaintext length of a symlink target stored in `stored_len` bytes,
+/// without decrypting it (`None` for a length no target encodes to).
+pub fn symlink_target_len(stored_len: u64) -> Option<u64> {
+    // base64url without padding: 4 characters per 3 bytes, and a final
+    // group of 2 or 3 characters for 1 or 2 bytes; 1 left over is invalid.
+    let raw = match stored_len % 4 {
+        0 => stored_len / 4 * 3,
+        2 => stored_len / 4 * 3 + 1,
+        3 => stored_len / 4 * 3 + 2,
+        _ => return None,
+    };
+    raw.checked_sub((GCM_NONCE_LEN + GCM_TAG_LEN) as u64)
+        .filter(|&n| n > 0)
 }

@@ -94,31 +94,67 @@ fn bad_encodings_are_errors() {
     assert!(decrypt_name(&k, &iv, &good).is_err());
 }
 
+const IV_A: [u8; 16] = [7; 16];
+const IV_B: [u8; 16] = [8; 16];
+
+fn at<'a>(iv: &'a [u8; 16], name: &'a str) -> SymlinkBinding<'a> {
+    SymlinkBinding {
+        dir_iv: iv,
+        backing_name: name.as_bytes(),
+    }
+}
+
 #[test]
 fn symlink_targets_are_randomised_and_authenticated() {
     let k = keys();
-    let a = encrypt_symlink(&k, b"../target/file").unwrap();
-    let b = encrypt_symlink(&k, b"../target/file").unwrap();
+    let here = at(&IV_A, "entryA");
+    let a = encrypt_symlink(&k, b"../target/file", here).unwrap();
+    let b = encrypt_symlink(&k, b"../target/file", here).unwrap();
     assert_ne!(a, b);
     assert_eq!(
-        decrypt_symlink(&k, a.as_bytes()).unwrap(),
+        decrypt_symlink(&k, a.as_bytes(), here).unwrap(),
         b"../target/file"
     );
+    assert_eq!(symlink_target_len(a.len() as u64), Some(14));
     let long = vec![b'p'; MAX_SYMLINK_LEN];
-    let enc = encrypt_symlink(&k, &long).unwrap();
+    let enc = encrypt_symlink(&k, &long, here).unwrap();
     assert!(enc.len() <= 4095);
-    assert_eq!(decrypt_symlink(&k, enc.as_bytes()).unwrap(), long);
+    assert_eq!(decrypt_symlink(&k, enc.as_bytes(), here).unwrap(), long);
     assert_eq!(
-        encrypt_symlink(&k, &[b'p'; MAX_SYMLINK_LEN + 1]),
+        symlink_target_len(enc.len() as u64),
+        Some(MAX_SYMLINK_LEN as u64)
+    );
+    assert_eq!(
+        encrypt_symlink(&k, &[b'p'; MAX_SYMLINK_LEN + 1], here),
         Err(NameError::TooLong)
     );
-    let mut t = a.into_bytes();
+    let mut t = a.clone().into_bytes();
     t[20] = if t[20] == b'A' { b'B' } else { b'A' };
-    assert!(decrypt_symlink(&k, &t).is_err());
-    assert!(decrypt_symlink(&k, b"short").is_err());
+    assert!(decrypt_symlink(&k, &t, here).is_err());
+    assert!(decrypt_symlink(&k, b"short", here).is_err());
+}
+
+#[test]
+fn a_symlink_target_moved_to_another_entry_does_not_decrypt() {
+    let k = keys();
+    let stored = encrypt_symlink(&k, b"/etc/passwd", at(&IV_A, "entryA")).unwrap();
+    // Another name in the same directory, and the same name in another one.
+    for other in [at(&IV_A, "entryB"), at(&IV_B, "entryA")] {
+        assert_eq!(
+            decrypt_symlink(&k, stored.as_bytes(), other),
+            Err(NameError::Tampered)
+        );
+    }
 }
 
 proptest! {
+    #[test]
+    fn symlink_length_is_known_without_decrypting(target in prop::collection::vec(1u8..=255, 1..=MAX_SYMLINK_LEN)) {
+        let k = keys();
+        let stored = encrypt_symlink(&k, &target, at(&IV_B, "n")).unwrap();
+        prop_assert_eq!(symlink_target_len(stored.len() as u64), Some(target.len() as u64));
+    }
+
     #[test]
     fn any_valid_name_round_trips(name in prop::collection::vec(1u8..=255, 1..=255), iv in any::<[u8; 16]>()) {
         let name: Vec<u8> = name.into_iter().map(|b| if b == b'/' { b'_' } else { b }).collect();
@@ -131,7 +167,8 @@ proptest! {
     fn decoding_arbitrary_input_never_panics(s in ".{0,400}", raw in prop::collection::vec(any::<u8>(), 0..600)) {
         let k = keys();
         let _ = decrypt_name(&k, &[0; 16], &s);
-        let _ = decrypt_symlink(&k, &raw);
+        let _ = decrypt_symlink(&k, &raw, at(&IV_A, "x"));
+        let _ = symlink_target_len(raw.len() as u64);
         let _ = classify(&s);
     }
 }

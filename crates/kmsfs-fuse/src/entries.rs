@@ -8,15 +8,25 @@
 use crate::attrs::utime;
 use crate::errors::{backing_errno, errno, Result};
 use crate::fs::KmsFs;
-use crate::inodes::{Kind, Node};
+use crate::inodes::{Kind, LinkEntry, Node};
 use crate::sys;
 use fuser::{Errno, FileAttr, TimeOrNow};
 use kmsfs_core::layout;
-use kmsfs_core::names::{decrypt_symlink, encrypt_symlink, EncryptedName};
+use kmsfs_core::names::{decrypt_symlink, encrypt_symlink, EncryptedName, SymlinkBinding};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use tracing::warn;
+
+/// A symlink rename: each side's directory (FUSE number, node, backing
+/// descriptor, encrypted name), the symlink's backing `stat`, and the flags.
+struct SymlinkMove<'a> {
+    dir: (u64, &'a Node, &'a OwnedFd, &'a EncryptedName),
+    newdir: (u64, &'a Node, &'a OwnedFd, &'a EncryptedName),
+    st: &'a libc::stat,
+    flags: u32,
+}
 
 /// The caller of an operation that creates an entry.
 #[derive(Clone, Copy)]
@@ -213,8 +223,15 @@ impl KmsFs {
         name: &OsStr,
         target: &[u8],
     ) -> Result<FileAttr> {
-        let stored = encrypt_symlink(&self.keys, target).map_err(|e| Errno::from_i32(e.errno()))?;
+        let dir = self.node(parent)?;
+        let iv = *self.dir_iv(parent, &dir)?;
         self.make_entry(caller, parent, name, |dfd, bname| {
+            let binding = SymlinkBinding {
+                dir_iv: &iv,
+                backing_name: bname.as_bytes(),
+            };
+            let stored = encrypt_symlink(&self.keys, target, binding)
+                .map_err(|e| Errno::from_i32(e.errno()))?;
             sys::symlinkat(stored.as_bytes(), dfd.as_raw_fd(), bname).map_err(errno)
         })
         .map(|(_, attr)| attr)
@@ -225,13 +242,27 @@ impl KmsFs {
         let node = self.node(ino)?;
         let fd = self.fd(ino, &node)?;
         let stored = sys::readlink(fd.as_raw_fd()).map_err(errno)?;
-        decrypt_symlink(&self.keys, &stored).map_err(|e| {
-            warn!("inode {ino}: undecryptable symlink target: {e}");
+        let Some(link) = &node.link else {
+            warn!("inode {ino}: a symlink node without its entry");
+            return Err(Errno::EIO);
+        };
+        let binding = SymlinkBinding {
+            dir_iv: &link.dir_iv,
+            backing_name: &link.backing_name,
+        };
+        decrypt_symlink(&self.keys, &stored, binding).map_err(|e| {
+            warn!(
+                "inode {ino}: symlink target of backing entry {:?} does not decrypt \
+                 (damaged, or moved there from another entry): {e}",
+                OsStr::from_bytes(&link.backing_name)
+            );
             Errno::EIO
         })
     }
 
-    /// `link`: a new name for inode `ino` in `newparent`.
+    /// `link`: a new name for inode `ino` in `newparent`. A symlink's
+    /// target is bound to its one name, so symlinks get no second name
+    /// (`EPERM`, as from a filesystem without hard links to them).
     pub(crate) fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<FileAttr> {
         let node = self.node(ino)?;
         let fd = self.fd(ino, &node)?;
@@ -239,6 +270,12 @@ impl KmsFs {
         let enc = self.encrypt(newparent, &dir, newname)?;
         let dfd = self.fd(newparent, &dir)?;
         let bname = OsStr::new(enc.backing_name());
+        if node.kind == Kind::Symlink {
+            return Err(match sys::statat(dfd.as_raw_fd(), bname) {
+                Ok(_) => Errno::EEXIST,
+                Err(_) => Errno::EPERM,
+            });
+        }
         layout::write_sidecar(dfd.as_fd(), &enc).map_err(errno)?;
         if let Err(e) = sys::link_fd(fd.as_raw_fd(), dfd.as_raw_fd(), bname) {
             if e.raw_os_error() != Some(libc::EEXIST) {
@@ -306,10 +343,32 @@ impl KmsFs {
         let new = self.encrypt(newparent, &newdir, newname)?;
         let dfd = self.fd(parent, &dir)?;
         let ndfd = self.fd(newparent, &newdir)?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let old_st = sys::statat(dfd.as_raw_fd(), OsStr::new(old.backing_name())).map_err(errno)?;
+        let is_link = |st: &libc::stat| st.st_mode & libc::S_IFMT == libc::S_IFLNK;
+        if exchange {
+            if is_link(&old_st)
+                || sys::statat(ndfd.as_raw_fd(), OsStr::new(new.backing_name()))
+                    .is_ok_and(|st| is_link(&st))
+            {
+                // Two symlinks re-created at once cannot be one atomic step.
+                return Err(Errno::EINVAL);
+            }
+        } else if is_link(&old_st) {
+            if parent == newparent && old == new {
+                return Ok(());
+            }
+            let moved = SymlinkMove {
+                dir: (parent, &dir, &dfd, &old),
+                newdir: (newparent, &newdir, &ndfd, &new),
+                st: &old_st,
+                flags,
+            };
+            return self.rename_symlink(moved);
+        }
         // A sidecar written here for a name that did not exist must go
         // again if the rename fails.
         let new_is_fresh = layout::write_sidecar(ndfd.as_fd(), &new).map_err(errno)?;
-        let exchange = flags & libc::RENAME_EXCHANGE != 0;
         if exchange {
             // Both names stay in use: both sidecars must exist and stay.
             layout::write_sidecar(dfd.as_fd(), &old).map_err(errno)?;
@@ -330,6 +389,101 @@ impl KmsFs {
             self.drop_sidecar(parent, &dfd, &old);
         }
         Ok(())
+    }
+
+    /// Renames a symlink by re-creating it under its new name, since its
+    /// target is bound to its entry: the target is re-encrypted for the new
+    /// entry and written as a temporary entry of the new directory, given
+    /// the old one's owner and times, renamed over the new name (atomic,
+    /// honouring `RENAME_NOREPLACE`), and only then is the old name removed.
+    /// A crash before that last step leaves both names (and at most an
+    /// unnamed temporary, which fsck removes); it never leaves neither.
+    fn rename_symlink(&self, m: SymlinkMove<'_>) -> Result<()> {
+        let (parent, dir, dfd, old) = m.dir;
+        let (newparent, newdir, ndfd, new) = m.newdir;
+        let old_iv = *self.dir_iv(parent, dir)?;
+        let new_iv = *self.dir_iv(newparent, newdir)?;
+        let stored =
+            sys::readlinkat(dfd.as_raw_fd(), OsStr::new(old.backing_name())).map_err(errno)?;
+        let old_binding = SymlinkBinding {
+            dir_iv: &old_iv,
+            backing_name: old.backing_name().as_bytes(),
+        };
+        let target = decrypt_symlink(&self.keys, &stored, old_binding).map_err(|e| {
+            warn!(
+                "directory inode {parent}: symlink target of {:?} does not decrypt, not renamed: {e}",
+                old.backing_name()
+            );
+            Errno::EIO
+        })?;
+        let new_binding = SymlinkBinding {
+            dir_iv: &new_iv,
+            backing_name: new.backing_name().as_bytes(),
+        };
+        let restored = encrypt_symlink(&self.keys, &target, new_binding)
+            .map_err(|e| Errno::from_i32(e.errno()))?;
+        let tmp = layout::temp_name().map_err(errno)?;
+        let tmp = OsStr::new(&tmp);
+        sys::symlinkat(restored.as_bytes(), ndfd.as_raw_fd(), tmp).map_err(errno)?;
+        let placed = (|| {
+            sys::chown_at(ndfd.as_raw_fd(), tmp, Some(m.st.st_uid), Some(m.st.st_gid))?;
+            let times = [
+                libc::timespec {
+                    tv_sec: m.st.st_atime,
+                    tv_nsec: m.st.st_atime_nsec,
+                },
+                libc::timespec {
+                    tv_sec: m.st.st_mtime,
+                    tv_nsec: m.st.st_mtime_nsec,
+                },
+            ];
+            sys::utimens_at(ndfd.as_raw_fd(), tmp, &times)?;
+            let fresh = layout::write_sidecar(ndfd.as_fd(), new)?;
+            if let Err(e) = sys::renameat2(
+                ndfd.as_raw_fd(),
+                tmp,
+                ndfd.as_raw_fd(),
+                OsStr::new(new.backing_name()),
+                m.flags & libc::RENAME_NOREPLACE,
+            ) {
+                if fresh {
+                    self.drop_sidecar(newparent, ndfd, new);
+                }
+                return Err(e);
+            }
+            Ok(())
+        })();
+        if let Err(e) = placed {
+            let _ = sys::unlinkat(ndfd.as_raw_fd(), tmp, false);
+            return Err(errno(e));
+        }
+        sys::unlinkat(dfd.as_raw_fd(), OsStr::new(old.backing_name()), false).map_err(|e| {
+            warn!(
+                "directory inode {parent}: symlink {:?} was re-created as {:?} in directory inode \
+                 {newparent} but the old entry could not be removed: {e}",
+                old.backing_name(),
+                new.backing_name()
+            );
+            errno(e)
+        })?;
+        if old.backing_name() != new.backing_name() || parent != newparent {
+            self.drop_sidecar(parent, dfd, old);
+        }
+        // The kernel keeps the symlink's inode number across the rename:
+        // point its node at the new backing inode.
+        let bname = OsStr::new(new.backing_name());
+        let new_st = sys::statat(ndfd.as_raw_fd(), bname).map_err(errno)?;
+        let ino = self
+            .inodes
+            .fuse_ino(m.st)
+            .map_err(|e| backing_errno(parent, old.backing_name(), e))?;
+        let link = Box::new(LinkEntry {
+            dir_iv: new_iv,
+            backing_name: bname.as_bytes().into(),
+        });
+        self.inodes
+            .moved(ino, ndfd, bname, new_st.st_ino, link)
+            .map_err(|e| backing_errno(newparent, new.backing_name(), e))
     }
 
     /// `fsyncdir`.

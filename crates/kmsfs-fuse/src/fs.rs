@@ -7,7 +7,7 @@
 
 use crate::attrs::file_attr;
 use crate::errors::{backing_errno, errno, Result};
-use crate::inodes::{Inodes, Kind, Node};
+use crate::inodes::{Inodes, Kind, LinkEntry, Node};
 use crate::listing::Listings;
 use crate::space::SpaceErrors;
 use crate::sys;
@@ -15,7 +15,7 @@ use fuser::{Errno, FileAttr};
 use kmsfs_core::contents::plaintext_size;
 use kmsfs_core::keys::FsKeys;
 use kmsfs_core::layout;
-use kmsfs_core::names::{decrypt_symlink, encrypt_name, EncryptedName, DIR_IV_LEN};
+use kmsfs_core::names::{encrypt_name, symlink_target_len, EncryptedName, DIR_IV_LEN};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
@@ -144,9 +144,21 @@ impl KmsFs {
             .inodes
             .fuse_ino(&st)
             .map_err(|e| backing_errno(dir_ino, &bname.to_string_lossy(), e))?;
-        let node = self
+        let kind = Kind::from_mode(st.st_mode);
+        let link = match kind {
+            Kind::Symlink => Some(self.dir_iv(dir_ino, dir)?),
+            _ => None,
+        };
+        let (ino, node) = self
             .inodes
-            .remember(ino, Kind::from_mode(st.st_mode), &dfd, bname)
+            .remember(ino, kind, &dfd, bname, st.st_ino, || {
+                link.map(|iv| {
+                    Box::new(LinkEntry {
+                        dir_iv: *iv,
+                        backing_name: bname.as_bytes().into(),
+                    })
+                })
+            })
             .map_err(|e| backing_errno(dir_ino, &bname.to_string_lossy(), e))?;
         let attr = self.attr(ino, &node, &st)?;
         Ok((node, attr))
@@ -159,19 +171,14 @@ impl KmsFs {
         self.attr(ino, node, &st)
     }
 
-    fn attr(&self, ino: u64, node: &Node, st: &libc::stat) -> Result<FileAttr> {
+    pub(crate) fn attr(&self, ino: u64, node: &Node, st: &libc::stat) -> Result<FileAttr> {
         let size = match node.kind {
             Kind::File => match &*node.open.read() {
                 Some(open) => open.contents.size(),
                 None => plaintext_size(st.st_size as u64),
             },
-            Kind::Symlink => {
-                let fd = self.fd(ino, node)?;
-                let stored = sys::readlink(fd.as_raw_fd()).map_err(errno)?;
-                decrypt_symlink(&self.keys, &stored)
-                    .map(|t| t.len() as u64)
-                    .unwrap_or(stored.len() as u64)
-            }
+            // Known from the stored length: no readlink, no decryption.
+            Kind::Symlink => symlink_target_len(st.st_size as u64).unwrap_or(st.st_size as u64),
             _ => st.st_size as u64,
         };
         Ok(file_attr(ino, st, size))

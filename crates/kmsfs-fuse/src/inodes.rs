@@ -20,11 +20,15 @@ use std::collections::HashMap;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// The FUSE root inode number.
 pub const ROOT_INO: u64 = 1;
+
+/// First FUSE number of the synthetic range (see [`Inodes`]); backing
+/// filesystems do not hand out inode numbers this high.
+const SYNTHETIC_BASE: u64 = 1 << 62;
 
 /// Kind of a node, fixed for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,11 +63,27 @@ enum Anchor {
     Fd(Arc<OwnedFd>),
 }
 
+/// The entry a symlink node was found under: the associated data of its
+/// target (see `kmsfs_core::names::SymlinkBinding`).
+pub struct LinkEntry {
+    /// IV of the directory holding the symlink.
+    pub dir_iv: [u8; DIR_IV_LEN],
+    /// The symlink's backing entry name.
+    pub backing_name: Box<[u8]>,
+}
+
 /// One backing inode.
 pub struct Node {
     anchor: Anchor,
     /// What the node is.
     pub kind: Kind,
+    /// The backing inode number the node stands for.
+    backing_ino: u64,
+    /// Set when the node's FUSE number is not derived from `backing_ino`
+    /// (see [`Inodes::moved`]): `backing_ino` is then in the alias map.
+    aliased: bool,
+    /// A symlink's entry, for decrypting its target.
+    pub link: Option<Box<LinkEntry>>,
     /// The kernel's lookup count.
     lookups: AtomicU64,
     /// Open-file state of a regular file; the lock serialises writers of
@@ -78,8 +98,21 @@ pub struct Node {
 /// inode numbers, except that the backing root is 1 (and a backing inode
 /// numbered 1, if any, takes the root's number), so they stay stable
 /// across remounts and hard links share one.
+///
+/// One exception: renaming a symlink re-creates it (its target is bound to
+/// its name), so it gets a new backing inode while the kernel keeps the old
+/// number for it. Until the kernel forgets that number, the alias map sends
+/// the new backing inode to it, so the symlink keeps its inode number as
+/// rename(2) promises; a backing inode that reuses the freed old number
+/// meanwhile gets a FUSE number of its own from the synthetic range.
 pub struct Inodes {
     map: Mutex<HashMap<u64, Arc<Node>>>,
+    /// Backing inode number → FUSE number, for the exceptions above.
+    aliases: Mutex<HashMap<u64, u64>>,
+    /// `aliases.len()`, read without the lock on every lookup.
+    alias_count: AtomicUsize,
+    /// The next FUSE number of the synthetic range.
+    next_synthetic: AtomicU64,
     fds: Mutex<LruCache<u64, Arc<OwnedFd>>>,
     /// A real (not `O_PATH`) descriptor of the backing root:
     /// `open_by_handle_at` refuses `O_PATH` ones.
@@ -111,6 +144,9 @@ impl Inodes {
         let root = Node {
             anchor: Anchor::Fd(root_fd.clone()),
             kind: Kind::Dir,
+            backing_ino: root_st.st_ino,
+            aliased: false,
+            link: None,
             lookups: AtomicU64::new(1),
             open: RwLock::new(None),
             dir_iv: OnceLock::new(),
@@ -120,6 +156,9 @@ impl Inodes {
         let size = NonZeroUsize::new(fd_cache_size(sys::fd_limit())).unwrap_or(NonZeroUsize::MIN);
         Inodes {
             map: Mutex::new(map),
+            aliases: Mutex::new(HashMap::new()),
+            alias_count: AtomicUsize::new(0),
+            next_synthetic: AtomicU64::new(SYNTHETIC_BASE),
             fds: Mutex::new(LruCache::new(size)),
             mount_fd,
             root_backing_ino: root_st.st_ino,
@@ -143,7 +182,18 @@ impl Inodes {
                 "entry is on another filesystem mounted inside the backing directory",
             ));
         }
-        Ok(self.map_ino(st.st_ino))
+        Ok(self.listing_ino(st.st_ino))
+    }
+
+    /// The FUSE inode number of backing inode number `backing_ino`, aliases
+    /// included (for listings, where only `d_ino` is known).
+    pub fn listing_ino(&self, backing_ino: u64) -> u64 {
+        if self.alias_count.load(Ordering::Acquire) > 0 {
+            if let Some(&ino) = self.aliases.lock().get(&backing_ino) {
+                return ino;
+            }
+        }
+        self.map_ino(backing_ino)
     }
 
     /// The FUSE inode number of backing inode number `backing_ino` (for
@@ -164,33 +214,45 @@ impl Inodes {
     }
 
     /// Records one more kernel lookup of `ino`, the backing entry `name` in
-    /// the directory `dir_fd`, creating its node if it is new.
+    /// the directory `dir_fd` (backing inode `backing_ino`), creating its
+    /// node if it is new. Returns the FUSE number to give the kernel: `ino`,
+    /// or a synthetic one when a renamed symlink's node still holds `ino`.
     pub fn remember(
         &self,
         ino: u64,
         kind: Kind,
         dir_fd: &OwnedFd,
         name: &std::ffi::OsStr,
-    ) -> io::Result<Arc<Node>> {
-        if let Some(n) = self.map.lock().get(&ino) {
-            n.lookups.fetch_add(1, Ordering::Relaxed);
-            return Ok(n.clone());
-        }
-        // Make the anchor without holding the table lock, so lookups on
-        // other threads are not serialised behind a syscall.
-        let fd = sys::open_path(dir_fd.as_raw_fd(), name)?;
-        let anchor = if self.handles {
-            let h = sys::handle_of(fd.as_raw_fd())?;
-            // The descriptor is at hand: the next operation on a new
-            // directory is usually inside it.
-            self.fds.lock().put(ino, Arc::new(fd));
-            Anchor::Handle(h)
-        } else {
-            Anchor::Fd(Arc::new(fd))
+        backing_ino: u64,
+        link: impl FnOnce() -> Option<Box<LinkEntry>>,
+    ) -> io::Result<(u64, Arc<Node>)> {
+        let mut ino = ino;
+        let mut aliased = false;
+        let reused = {
+            // Counts change only under the table lock (see `forget`).
+            let map = self.map.lock();
+            match map.get(&ino) {
+                Some(n) if n.backing_ino == backing_ino => {
+                    n.lookups.fetch_add(1, Ordering::Relaxed);
+                    return Ok((ino, n.clone()));
+                }
+                // A renamed symlink's node keeps this number, but the
+                // backing inode that had it is gone and the number was reused.
+                Some(_) => true,
+                None => false,
+            }
         };
+        if reused {
+            ino = self.synthetic_ino();
+            aliased = true;
+        }
+        let anchor = self.anchor(ino, dir_fd, name)?;
         let made = Arc::new(Node {
             anchor,
             kind,
+            backing_ino,
+            aliased,
+            link: if kind == Kind::Symlink { link() } else { None },
             lookups: AtomicU64::new(0),
             open: RwLock::new(None),
             dir_iv: OnceLock::new(),
@@ -199,7 +261,91 @@ impl Inodes {
         // Another thread may have added the same inode meanwhile: keep one.
         let node = map.entry(ino).or_insert(made).clone();
         node.lookups.fetch_add(1, Ordering::Relaxed);
-        Ok(node)
+        if aliased {
+            self.set_alias(backing_ino, Some(ino));
+        }
+        Ok((ino, node))
+    }
+
+    /// The symlink known to the kernel as `ino` was re-created as the
+    /// backing entry `name` in `dir_fd` (backing inode `backing_ino`, bound
+    /// to `link`): its node now reaches the new inode, under the same FUSE
+    /// number. Nothing happens if the kernel holds no node for `ino`.
+    pub fn moved(
+        &self,
+        ino: u64,
+        dir_fd: &OwnedFd,
+        name: &std::ffi::OsStr,
+        backing_ino: u64,
+        link: Box<LinkEntry>,
+    ) -> io::Result<()> {
+        if self.map.lock().get(&ino).is_none() {
+            return Ok(());
+        }
+        self.fds.lock().pop(&ino);
+        let anchor = self.anchor(ino, dir_fd, name)?;
+        let mut map = self.map.lock();
+        let Some(old) = map.get(&ino).cloned() else {
+            return Ok(());
+        };
+        if old.aliased {
+            self.drop_alias(old.backing_ino, ino);
+        }
+        let node = Node {
+            anchor,
+            kind: Kind::Symlink,
+            backing_ino,
+            aliased: true,
+            link: Some(link),
+            lookups: AtomicU64::new(old.lookups.load(Ordering::Relaxed)),
+            open: RwLock::new(None),
+            dir_iv: OnceLock::new(),
+        };
+        map.insert(ino, Arc::new(node));
+        self.set_alias(backing_ino, Some(ino));
+        Ok(())
+    }
+
+    /// An anchor for the entry `name` in `dir_fd`, known as `ino`.
+    fn anchor(&self, ino: u64, dir_fd: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<Anchor> {
+        // Made without holding the table lock, so lookups on other threads
+        // are not serialised behind a syscall.
+        let fd = sys::open_path(dir_fd.as_raw_fd(), name)?;
+        Ok(if self.handles {
+            let h = sys::handle_of(fd.as_raw_fd())?;
+            // The descriptor is at hand: the next operation on a new
+            // directory is usually inside it.
+            self.fds.lock().put(ino, Arc::new(fd));
+            Anchor::Handle(h)
+        } else {
+            Anchor::Fd(Arc::new(fd))
+        })
+    }
+
+    /// A FUSE number from the synthetic range that no node holds.
+    fn synthetic_ino(&self) -> u64 {
+        loop {
+            let ino = self.next_synthetic.fetch_add(1, Ordering::Relaxed);
+            if !self.map.lock().contains_key(&ino) {
+                return ino;
+            }
+        }
+    }
+
+    fn set_alias(&self, backing_ino: u64, ino: Option<u64>) {
+        let mut aliases = self.aliases.lock();
+        match ino {
+            Some(ino) => aliases.insert(backing_ino, ino),
+            None => aliases.remove(&backing_ino),
+        };
+        self.alias_count.store(aliases.len(), Ordering::Release);
+    }
+
+    /// Drops the alias of `backing_ino` if it still names `ino`.
+    fn drop_alias(&self, backing_ino: u64, ino: u64) {
+        if self.aliases.lock().get(&backing_ino) == Some(&ino) {
+            self.set_alias(backing_ino, None);
+        }
     }
 
     /// The kernel forgets `n` lookups of `ino`; the node goes at zero.
@@ -218,7 +364,11 @@ impl Inodes {
             None => false,
         };
         if gone {
-            map.remove(&ino);
+            if let Some(node) = map.remove(&ino) {
+                if node.aliased {
+                    self.drop_alias(node.backing_ino, ino);
+                }
+            }
             drop(map);
             self.fds.lock().pop(&ino);
         }

@@ -126,7 +126,7 @@ impl KmsFs {
                 },
             };
             out.push(DirEntry {
-                ino: self.inodes.map_ino(e.ino),
+                ino: self.inodes.listing_ino(e.ino),
                 kind,
                 name: OsString::from_vec(name),
                 backing: OsString::from(bname),

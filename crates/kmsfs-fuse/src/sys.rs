@@ -129,6 +129,28 @@ pub fn readlink(fd: RawFd) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// `readlinkat(dir, name)`.
+pub fn readlinkat(dir: RawFd, name: &OsStr) -> io::Result<Vec<u8>> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; 4097];
+    // SAFETY: a valid C string; the buffer is valid for its length.
+    let n = unsafe { libc::readlinkat(dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Sets the access and modification times of `dir/name` itself (not
+/// following a symlink).
+pub fn utimens_at(dir: RawFd, name: &OsStr, times: &[libc::timespec; 2]) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: a valid C string and two timespecs.
+    check(unsafe { libc::utimensat(dir, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+        .map(drop)
+}
+
 /// `linkat` from an `O_PATH` descriptor to `dir/name`.
 pub fn link_fd(fd: RawFd, dir: RawFd, name: &OsStr) -> io::Result<()> {
     let c = cstr(name)?;

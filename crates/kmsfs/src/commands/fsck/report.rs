@@ -33,6 +33,8 @@ pub enum ProblemKind {
     FileContents,
     /// A symlink whose stored target does not decrypt.
     Symlink,
+    /// A temporary symlink left by an interrupted rename.
+    LeftoverTemp,
     /// An entry kmsfs never creates (a foreign name, a non-UTF-8 name).
     UnexpectedEntry,
     /// The backing store could not be read here.
@@ -51,6 +53,7 @@ impl ProblemKind {
             ProblemKind::FileHeader => "file_header",
             ProblemKind::FileContents => "file_contents",
             ProblemKind::Symlink => "symlink",
+            ProblemKind::LeftoverTemp => "leftover_temp",
             ProblemKind::UnexpectedEntry => "unexpected_entry",
             ProblemKind::Io => "io",
         }

@@ -169,6 +169,16 @@ pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// Removes the non-directory entry `name` of `dir`.
+pub fn unlink(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid C string and a live descriptor.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `fsync` on a directory, so that a removal in it is durable.
 pub fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on a live descriptor.

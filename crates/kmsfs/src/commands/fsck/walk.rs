@@ -13,8 +13,8 @@ use kmsfs_core::header::HEADER_FILE_NAME;
 use kmsfs_core::keys::FsKeys;
 use kmsfs_core::layout::{self, DIR_IV_NAME};
 use kmsfs_core::names::{
-    classify, decrypt_name, decrypt_symlink, BackingEntry, EncryptedName, DIR_IV_LEN,
-    LONGNAME_PREFIX, LONGNAME_SUFFIX,
+    classify, decrypt_name, decrypt_symlink, BackingEntry, EncryptedName, SymlinkBinding,
+    DIR_IV_LEN, LONGNAME_PREFIX, LONGNAME_SUFFIX,
 };
 
 use super::files::{spans, Sink, Span};
@@ -210,12 +210,19 @@ impl<'a> Walker<'a> {
             },
             _ => None,
         };
-        self.typed(dir, name, backing, plain);
+        self.typed(dir, iv, name, backing, plain);
         false
     }
 
     /// Checks an entry by its type, whatever its name.
-    fn typed(&mut self, dir: &Dir<'_>, name: &[u8], backing: PathBuf, plain: Option<String>) {
+    fn typed(
+        &mut self,
+        dir: &Dir<'_>,
+        iv: Option<&[u8; DIR_IV_LEN]>,
+        name: &[u8],
+        backing: PathBuf,
+        plain: Option<String>,
+    ) {
         let kind = match sys::kind_at(dir.fd, name) {
             Ok(k) => k,
             Err(e) => {
@@ -252,10 +259,20 @@ impl<'a> Walker<'a> {
             Kind::File => self.file(dir, name, backing, plain),
             Kind::Symlink => {
                 self.counts.symlinks += 1;
+                // Without the directory's IV (reported above) the target
+                // cannot be checked.
+                let Some(iv) = iv else { return };
+                let binding = SymlinkBinding {
+                    dir_iv: iv,
+                    backing_name: name,
+                };
                 let detail = match sys::read_link(dir.fd, name) {
-                    Ok(stored) => match decrypt_symlink(self.keys, &stored) {
+                    Ok(stored) => match decrypt_symlink(self.keys, &stored, binding) {
                         Ok(_) => return,
-                        Err(e) => format!("symlink target does not decrypt: {e}"),
+                        Err(e) => format!(
+                            "symlink target does not decrypt for this entry: {e} (damaged, or \
+                             moved here from another entry); restore the symlink from a backup"
+                        ),
                     },
                     Err(e) => format!("cannot read the symlink: {e}"),
                 };
@@ -315,6 +332,9 @@ impl<'a> Walker<'a> {
         {
             return false;
         }
+        if name.starts_with(layout::TEMP_PREFIX) {
+            return self.leftover_temp(dir, name, backing);
+        }
         let hashed = name
             .strip_prefix(LONGNAME_PREFIX)
             .and_then(|rest| rest.strip_suffix(LONGNAME_SUFFIX))
@@ -354,6 +374,45 @@ impl<'a> Walker<'a> {
                     p.repaired = true;
                     p.detail =
                         format!("sidecar of a long name, but {hashed} does not exist; removed");
+                }
+                Err(e) => p.detail.push_str(&format!(" (removing it failed: {e})")),
+            }
+        }
+        let removed = p.repaired;
+        self.sink.push(p);
+        removed
+    }
+
+    /// A temporary symlink left by a rename that was interrupted after the
+    /// re-encrypted copy was made and before it got its name: the old name
+    /// still holds the symlink, so `--repair` may remove it.
+    fn leftover_temp(&mut self, dir: &Dir<'_>, name: &str, backing: PathBuf) -> bool {
+        if !matches!(sys::kind_at(dir.fd, name.as_bytes()), Ok(Kind::Symlink)) {
+            self.problem(
+                ProblemKind::UnexpectedEntry,
+                backing,
+                None,
+                "named like a kmsfs temporary entry, but not a symlink: kmsfs did not write it; \
+                 move it out of the backing directory"
+                    .into(),
+            );
+            return false;
+        }
+        let mut p = Problem {
+            kind: ProblemKind::LeftoverTemp,
+            backing,
+            plain: None,
+            detail: "temporary copy of a symlink left by an interrupted rename; harmless, \
+                     `kmsfs fsck --repair` removes it"
+                .into(),
+            repaired: false,
+        };
+        if self.repair {
+            match sys::unlink(dir.fd, name.as_bytes()) {
+                Ok(()) => {
+                    p.repaired = true;
+                    p.detail =
+                        "temporary copy of a symlink left by an interrupted rename; removed".into();
                 }
                 Err(e) => p.detail.push_str(&format!(" (removing it failed: {e})")),
             }
