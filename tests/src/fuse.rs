@@ -38,10 +38,16 @@ impl MountGuard {
         })
     }
 
-    /// Unmounts now and waits for the daemon threads to finish.
+    /// Unmounts now and waits for the daemon threads to finish. A mount
+    /// that is busy for a moment (a process scanning the temporary
+    /// directory, a close still in flight on a loaded machine) is retried
+    /// for up to 30 s before that counts as an error.
     pub fn unmount(mut self) -> Result<()> {
         if let Some(s) = self.session.take() {
-            s.umount_and_join().context("unmounting")?;
+            unmount_retrying_busy(&self.mountpoint)?;
+            // Unmounted: the session ends by itself (fuser's own unmount
+            // would now fail with EINVAL).
+            s.join().context("joining the daemon threads")?;
         }
         Ok(())
     }
@@ -52,6 +58,26 @@ impl Drop for MountGuard {
         if let Some(s) = self.session.take() {
             let _ = s.umount_and_join();
         }
+    }
+}
+
+/// `umount2(mountpoint)`, retried while it answers `EBUSY`.
+fn unmount_retrying_busy(mountpoint: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        // SAFETY: a valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() >= deadline {
+            return Err(
+                anyhow::Error::new(e).context(format!("unmounting {}", mountpoint.display()))
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

@@ -24,6 +24,28 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
+/// How long a new mount waits for the previous daemon of the same backing
+/// directory to let go of it: `umount` returns before that daemon has
+/// finished exiting, and an immediate remount must not fail for that.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes the exclusive lock on the backing directory, waiting up to
+/// [`LOCK_WAIT`] for a daemon that is on its way out.
+fn lock_backing(dir: &File) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sys::try_lock(dir.as_raw_fd()) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EWOULDBLOCK)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The decrypted view of one backing directory, ready to mount.
 pub struct KmsFs {
     pub(crate) keys: Arc<FsKeys>,
@@ -51,7 +73,7 @@ impl KmsFs {
         writeback: bool,
     ) -> io::Result<Self> {
         let lock = File::open(cipherdir)?;
-        sys::try_lock(lock.as_raw_fd()).map_err(|e| {
+        lock_backing(&lock).map_err(|e| {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 io::Error::new(
                     io::ErrorKind::ResourceBusy,

@@ -246,7 +246,7 @@ impl Inodes {
             ino = self.synthetic_ino();
             aliased = true;
         }
-        let anchor = self.anchor(ino, dir_fd, name)?;
+        let anchor = self.anchor(ino, kind, dir_fd, name)?;
         let made = Arc::new(Node {
             anchor,
             kind,
@@ -283,7 +283,7 @@ impl Inodes {
             return Ok(());
         }
         self.fds.lock().pop(&ino);
-        let anchor = self.anchor(ino, dir_fd, name)?;
+        let anchor = self.anchor(ino, Kind::Symlink, dir_fd, name)?;
         let mut map = self.map.lock();
         let Some(old) = map.get(&ino).cloned() else {
             return Ok(());
@@ -306,20 +306,34 @@ impl Inodes {
         Ok(())
     }
 
-    /// An anchor for the entry `name` in `dir_fd`, known as `ino`.
-    fn anchor(&self, ino: u64, dir_fd: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<Anchor> {
+    /// An anchor for the entry `name` (of `kind`) in `dir_fd`, known as `ino`.
+    fn anchor(
+        &self,
+        ino: u64,
+        kind: Kind,
+        dir_fd: &OwnedFd,
+        name: &std::ffi::OsStr,
+    ) -> io::Result<Anchor> {
         // Made without holding the table lock, so lookups on other threads
         // are not serialised behind a syscall.
+        if !self.handles {
+            return Ok(Anchor::Fd(Arc::new(sys::open_path(
+                dir_fd.as_raw_fd(),
+                name,
+            )?)));
+        }
+        if kind != Kind::Dir {
+            // Most files looked up are never opened by path again (`ls -l`
+            // has the attributes from the lookup; `open` reopens by
+            // handle): name the entry without opening it.
+            return Ok(Anchor::Handle(sys::handle_at(dir_fd.as_raw_fd(), name)?));
+        }
         let fd = sys::open_path(dir_fd.as_raw_fd(), name)?;
-        Ok(if self.handles {
-            let h = sys::handle_of(fd.as_raw_fd())?;
-            // The descriptor is at hand: the next operation on a new
-            // directory is usually inside it.
-            self.fds.lock().put(ino, Arc::new(fd));
-            Anchor::Handle(h)
-        } else {
-            Anchor::Fd(Arc::new(fd))
-        })
+        let h = sys::handle_of(fd.as_raw_fd())?;
+        // The descriptor is at hand, and the next operation on a new
+        // directory is usually inside it.
+        self.fds.lock().put(ino, Arc::new(fd));
+        Ok(Anchor::Handle(h))
     }
 
     /// A FUSE number from the synthetic range that no node holds.
