@@ -347,11 +347,14 @@ impl FileContents {
 
     /// Reads plaintext at `off` into `buf`; returns the count (short at end of file).
     ///
-    /// Units wholly inside `buf` are decrypted in place; the two edge units
-    /// are read with them in one vectored read, their outside parts into
-    /// small scratch buffers. For the kernel's page-aligned reads the edges
-    /// are decrypted in place too (XTS blocks are independent), so nothing
-    /// but 2 × 4 KiB of scratch is copied.
+    /// Units wholly inside `buf` are decrypted in place. XTS blocks are
+    /// independent given their tweaks and every unit starts on a 16-byte
+    /// boundary, so of an edge unit only the 16-byte blocks that overlap
+    /// `buf` are read (in the same vectored read, into small scratch
+    /// buffers) and decrypted; only a final unit whose length is not a
+    /// multiple of 16 (ciphertext stealing) is read and decrypted whole.
+    /// A kernel read of plaintext page k thus reads exactly the 4096
+    /// backing bytes it needs, though they span two units.
     pub fn read_at<B: Backing>(
         &self,
         backing: &B,
@@ -374,22 +377,34 @@ impl FileContents {
             buf[..n].copy_from_slice(&ct[off as usize..end as usize]);
             return Ok(n);
         }
-        let (first, _, _) = unit_bounds(self.size, off);
-        let (_, last_end, _) = unit_bounds(self.size, end - 1);
+        let (first, first_end, _) = unit_bounds(self.size, off);
+        let (last, last_end, _) = unit_bounds(self.size, end - 1);
+        let stolen = |s: u64, e: u64| (e - s) % 16 != 0;
+        // What to read: whole 16-byte blocks, or a whole stolen unit.
+        let read_from = if stolen(first, first_end) {
+            first
+        } else {
+            off & !15
+        };
+        let read_to = if stolen(last, last_end) {
+            last_end
+        } else {
+            end.next_multiple_of(16).min(last_end)
+        };
         let mut head = [0u8; MAX_UNIT];
         let mut tail = [0u8; MAX_UNIT];
-        let head = &mut head[..(off - first) as usize];
-        let tail = &mut tail[..(last_end - end) as usize];
+        let head = &mut head[..(off - read_from) as usize];
+        let tail = &mut tail[..(read_to - end) as usize];
         let buf = &mut buf[..n];
         let want = head.len() + n + tail.len();
         let got = backing.read_vectored_at(
             &mut [&mut *head, &mut *buf, &mut *tail],
-            FILE_HEADER_LEN + first,
+            FILE_HEADER_LEN + read_from,
         )?;
         if got < want {
             return Err(ContentsError::ShortRead {
-                at: FILE_HEADER_LEN + first + got as u64,
-                wanted: FILE_HEADER_LEN + last_end,
+                at: FILE_HEADER_LEN + read_from + got as u64,
+                wanted: FILE_HEADER_LEN + read_to,
             });
         }
         let mut pos = first;
@@ -401,35 +416,51 @@ impl FileContents {
             // Only the first unit can start before `off`, the last end after `end`.
             let before: &[u8] = if s < off { head } else { &[] };
             let after: &[u8] = if e > end { tail } else { &[] };
-            if before.is_empty() && after.is_empty() {
-                if !is_zero(inside) {
-                    cipher
-                        .decrypt_unit(inside, u128::from(idx))
-                        .map_err(KeyError::from)?;
-                }
+            // A hole is all-zero ciphertext; a written block is all zeros
+            // with probability 2^-128, so the blocks read decide.
+            if is_zero(before) && is_zero(inside) && is_zero(after) {
+                inside.fill(0);
                 continue;
             }
-            if is_zero(before) && is_zero(inside) && is_zero(after) {
-                continue; // a hole
-            }
-            let skip = (a - s) as usize;
-            if (e - s) % 16 == 0 && skip % 16 == 0 && inside.len() % 16 == 0 {
-                // No ciphertext stealing in this unit and the wanted part is
-                // whole blocks: decrypt just those, in place.
+            if s >= off && e <= end {
                 cipher
-                    .decrypt_blocks(inside, u128::from(idx), (skip / 16) as u64)
+                    .decrypt_unit(inside, u128::from(idx))
                     .map_err(KeyError::from)?;
                 continue;
             }
-            let mut unit = [0u8; MAX_UNIT];
-            let unit = &mut unit[..(e - s) as usize];
-            unit[..before.len()].copy_from_slice(before);
-            unit[skip..skip + inside.len()].copy_from_slice(inside);
-            unit[skip + inside.len()..].copy_from_slice(after);
+            if stolen(s, e) {
+                // Read whole (see `read_from`/`read_to`): decrypt it whole.
+                let mut unit = [0u8; MAX_UNIT];
+                let unit = &mut unit[..(e - s) as usize];
+                let skip = (a - s) as usize;
+                unit[..before.len()].copy_from_slice(before);
+                unit[skip..skip + inside.len()].copy_from_slice(inside);
+                unit[skip + inside.len()..].copy_from_slice(after);
+                cipher
+                    .decrypt_unit(unit, u128::from(idx))
+                    .map_err(KeyError::from)?;
+                inside.copy_from_slice(&unit[skip..skip + inside.len()]);
+                continue;
+            }
+            // The blocks [a & !15, ceil16(b)) of this unit: `before` and
+            // `after` hold exactly their parts outside `buf`.
+            let first_block = ((a & !15) - s) / 16;
+            if before.is_empty() && inside.len() % 16 == 0 {
+                cipher
+                    .decrypt_blocks(inside, u128::from(idx), first_block)
+                    .map_err(KeyError::from)?;
+                continue;
+            }
+            let mut blocks = [0u8; MAX_UNIT + 32];
+            let len = before.len() + inside.len() + after.len();
+            let blocks = &mut blocks[..len];
+            blocks[..before.len()].copy_from_slice(before);
+            blocks[before.len()..before.len() + inside.len()].copy_from_slice(inside);
+            blocks[before.len() + inside.len()..].copy_from_slice(after);
             cipher
-                .decrypt_unit(unit, u128::from(idx))
+                .decrypt_blocks(blocks, u128::from(idx), first_block)
                 .map_err(KeyError::from)?;
-            inside.copy_from_slice(&unit[skip..skip + inside.len()]);
+            inside.copy_from_slice(&blocks[before.len()..before.len() + inside.len()]);
         }
         Ok(n)
     }
