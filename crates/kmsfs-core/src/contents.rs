@@ -485,8 +485,72 @@ impl FileContents {
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_SIZE)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if !self.stale_tail && self.overwrite_blocks(backing, off, data)? {
+            return Ok(());
+        }
         let new_size = self.size.max(end);
         self.change(keys, backing, new_size, Some((off, data)))
+    }
+
+    /// Overwrites `data` at `off` without reading anything back, when that
+    /// is possible: the range is whole 16-byte blocks inside the current
+    /// size, no unit it touches uses ciphertext stealing, and every unit it
+    /// covers only in part has been written (is not a hole: a hole must
+    /// stay all-zero or be written whole). XTS blocks are independent, so
+    /// only the new blocks are encrypted and written; the unit's other
+    /// blocks on disk stay valid. Every changed byte of a unit lies on that
+    /// unit's own backing page, so a write torn between pages still leaves
+    /// each unit old or new. Returns whether it wrote.
+    fn overwrite_blocks<B: Backing>(
+        &self,
+        backing: &B,
+        off: u64,
+        data: &[u8],
+    ) -> Result<bool, ContentsError> {
+        let end = off + data.len() as u64;
+        let Some(cipher) = self.cipher.as_ref() else {
+            return Ok(false);
+        };
+        if self.size < TINY_LIMIT || end > self.size || off % 16 != 0 || end % 16 != 0 {
+            return Ok(false);
+        }
+        let (first, _, _) = unit_bounds(self.size, off);
+        let (last, last_end, _) = unit_bounds(self.size, end - 1);
+        if (last_end - last) % 16 != 0 {
+            return Ok(false);
+        }
+        // A block of each edge unit that the write does not cover must be
+        // written ciphertext (the unit's first or last block).
+        let mut probes = Vec::with_capacity(2);
+        if off > first {
+            probes.push(first);
+        }
+        if end < last_end && (last != first || probes.is_empty()) {
+            probes.push(last_end - 16);
+        }
+        for at in probes {
+            let mut block = [0u8; 16];
+            read_exact(backing, &mut block, FILE_HEADER_LEN + at)?;
+            if is_zero(&block) {
+                return Ok(false);
+            }
+        }
+        let mut ct = data.to_vec();
+        let mut pos = off;
+        while pos < end {
+            let (s, e, idx) = unit_bounds(self.size, pos);
+            let b = e.min(end);
+            cipher
+                .encrypt_blocks(
+                    &mut ct[(pos - off) as usize..(b - off) as usize],
+                    u128::from(idx),
+                    (pos - s) / 16,
+                )
+                .map_err(KeyError::from)?;
+            pos = b;
+        }
+        backing.write_all_at(&ct, FILE_HEADER_LEN + off)?;
+        Ok(true)
     }
 
     /// Truncates or extends the plaintext to `new_size` bytes, with the

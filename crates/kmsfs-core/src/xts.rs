@@ -107,6 +107,26 @@ impl Xts256 {
         Ok(())
     }
 
+    /// Encrypts whole blocks `first_block..` of data unit `unit` in place,
+    /// leaving the rest of the unit as it is on disk. Valid under the same
+    /// condition as [`Xts256::decrypt_blocks`].
+    pub fn encrypt_blocks(
+        &self,
+        buf: &mut [u8],
+        unit: u128,
+        first_block: u64,
+    ) -> Result<(), XtsError> {
+        if buf.len() % 16 != 0 {
+            return Err(XtsError::NotWholeBlocks(buf.len()));
+        }
+        let mut t = self.initial_tweak(unit);
+        for _ in 0..first_block {
+            t = mul_alpha(t);
+        }
+        self.process_bulk(buf, t, true);
+        Ok(())
+    }
+
     /// Decrypts whole blocks `first_block..` of data unit `unit` in place,
     /// without the rest of the unit. Valid only for blocks that ciphertext
     /// stealing does not touch (every block of a unit whose length is a

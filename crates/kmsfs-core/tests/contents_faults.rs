@@ -278,6 +278,11 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..max, 0usize..(2 * UNIT_SIZE as usize + 20), any::<u8>())
             .prop_map(|(off, len, seed)| Op::Write { off, len, seed }),
+        // Whole 16-byte blocks and kernel pages: overwrites in place.
+        2 => (0..max / 16, 1usize..(2 * UNIT_SIZE as usize / 16), any::<u8>())
+            .prop_map(|(b, n, seed)| Op::Write { off: b * 16, len: n * 16, seed }),
+        1 => (0..3u64, any::<u8>())
+            .prop_map(|(p, seed)| Op::Write { off: p * UNIT_SIZE, len: UNIT_SIZE as usize, seed }),
         1 => (edge_size(), 1usize..20, any::<u8>())
             .prop_map(|(off, len, seed)| Op::Write { off, len, seed }),
         // Sparse writes far past the end.

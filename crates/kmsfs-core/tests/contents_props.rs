@@ -130,6 +130,11 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..max, 0usize..(2 * UNIT_SIZE as usize + 20), any::<u8>())
             .prop_map(|(off, len, seed)| Op::Write { off, len, seed }),
+        // Whole 16-byte blocks and kernel pages: overwrites in place.
+        3 => (0..max / 16, 1usize..(2 * UNIT_SIZE as usize / 16), any::<u8>())
+            .prop_map(|(b, n, seed)| Op::Write { off: b * 16, len: n * 16, seed }),
+        2 => (0..3u64, 1usize..3, any::<u8>())
+            .prop_map(|(p, n, seed)| Op::Write { off: p * UNIT_SIZE, len: n * UNIT_SIZE as usize, seed }),
         1 => (0..max).prop_map(Op::Truncate),
         // Sizes right around the tiny and merged-unit boundaries.
         1 => prop::sample::select(vec![0u64, 1, 15, 16, 17, 4095, 4096, 4097, 4111, 4112, 8192, 8200])
