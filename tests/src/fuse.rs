@@ -2,12 +2,12 @@
 
 use anyhow::{Context, Result};
 use kmsfs_core::keys::{FsKeys, MasterKey};
-use kmsfs_fuse::{BackgroundSession, MountSettings};
+use kmsfs_fuse::{MountSettings, Mounted};
 use std::path::{Path, PathBuf};
 
 /// A live mount of the kmsfs driver; unmounts on drop.
 pub struct MountGuard {
-    session: Option<BackgroundSession>,
+    session: Option<Mounted>,
     /// Where the plaintext view is.
     pub mountpoint: PathBuf,
 }
@@ -45,8 +45,6 @@ impl MountGuard {
     pub fn unmount(mut self) -> Result<()> {
         if let Some(s) = self.session.take() {
             unmount_retrying_busy(&self.mountpoint)?;
-            // Unmounted: the session ends by itself (fuser's own unmount
-            // would now fail with EINVAL).
             s.join().context("joining the daemon threads")?;
         }
         Ok(())
@@ -55,9 +53,8 @@ impl MountGuard {
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
-        }
+        // `Mounted` unmounts (lazily if busy) and joins when dropped.
+        drop(self.session.take());
     }
 }
 

@@ -278,6 +278,64 @@ async fn fstab_line_mounts_through_mount_helper() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(is_mounted(&plain));
+    // The kernel records the type and the source, as for any filesystem.
+    let entries = || -> Vec<Vec<String>> {
+        fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .map(|l| l.split(' ').map(str::to_string).collect::<Vec<_>>())
+            .filter(|f| f.get(1).map(String::as_str) == plain.to_str())
+            .collect()
+    };
+    let here = entries();
+    assert_eq!(here.len(), 1, "{here:?}");
+    assert_eq!(here[0][0], cipher.to_str().unwrap(), "{here:?}");
+    assert_eq!(here[0][2], "fuse.kmsfs", "{here:?}");
+    let found = Command::new("findmnt")
+        .args(["-n", "-t", "fuse.kmsfs", "-o", "SOURCE"])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&found.stdout).trim(),
+        cipher.to_str().unwrap()
+    );
+    // `mount -a` sees the fstab line as mounted and does not mount it
+    // again (a line without `nofail`, so a failed attempt would show).
+    let strict = env.path("fstab-strict");
+    fs::write(
+        &strict,
+        format!(
+            "{} {} kmsfs kms_config={} 0 0\n",
+            cipher.display(),
+            plain.display(),
+            env.kmsfs.config.display()
+        ),
+    )
+    .unwrap();
+    let again = tokio::task::spawn_blocking({
+        let strict = strict.clone();
+        move || {
+            Command::new("mount")
+                .arg("-a")
+                .arg("-T")
+                .arg(&strict)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        again.status.success() && again.stderr.is_empty(),
+        "mount -a: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        entries().len(),
+        1,
+        "mount -a mounted the line a second time"
+    );
     fs::write(plain.join("from-fstab"), b"ok").unwrap();
     assert_eq!(fs::read(plain.join("from-fstab")).unwrap(), b"ok");
     let st = Command::new("umount").arg(&plain).status().unwrap();

@@ -9,17 +9,18 @@ mod entries;
 mod errors;
 mod fs;
 mod inodes;
+pub mod kernel_mount;
 mod listing;
 mod open_files;
 mod space;
 mod sys;
 
 pub use fs::KmsFs;
-pub use fuser::{BackgroundSession, MountOption};
+pub use fuser::MountOption;
 
 use kmsfs_core::keys::FsKeys;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How to mount.
 #[derive(Debug, Clone, Default)]
@@ -38,19 +39,77 @@ pub struct MountSettings {
     pub no_writeback: bool,
 }
 
-/// Mounts `cipherdir` at `mountpoint` and serves it on background threads.
-/// Returns once the mount is live; dropping the session unmounts it.
+/// A live mount served on background threads.
+///
+/// Dropping it unmounts (lazily if the mount is busy) and waits for the
+/// daemon threads; [`Mounted::join`] instead waits for someone else
+/// (`umount`, a signal handler) to unmount it.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+    fs_type: &'static str,
+}
+
+impl Mounted {
+    /// Whether the kernel records the mount as `fuse.kmsfs` (we mounted
+    /// `/dev/fuse` ourselves) rather than `fuse` (through `fusermount3`).
+    pub fn fs_type(&self) -> &'static str {
+        self.fs_type
+    }
+
+    /// Waits until the filesystem is unmounted and the daemon threads end.
+    pub fn join(mut self) -> io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
+
+    /// Unmounts now and waits for the daemon threads to finish.
+    pub fn umount_and_join(self) -> io::Result<()> {
+        unmount(&self.mountpoint, 0)?;
+        self.join()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            if unmount(&self.mountpoint, 0).is_err() {
+                let _ = unmount(&self.mountpoint, libc::MNT_DETACH);
+            }
+            let _ = s.join();
+        }
+    }
+}
+
+/// `umount2(mountpoint, flags)`; a mountpoint that is no longer mounted
+/// (`EINVAL`) counts as done.
+fn unmount(mountpoint: &Path, flags: i32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINVAL) {
+        return Ok(());
+    }
+    Err(e)
+}
+
+/// Mounts `cipherdir` at `mountpoint` as type `fuse.kmsfs` and serves it on
+/// background threads. Returns once the mount is live.
 pub fn spawn_mount(
     cipherdir: &Path,
     mountpoint: &Path,
     keys: FsKeys,
     settings: &MountSettings,
-) -> io::Result<BackgroundSession> {
+) -> io::Result<Mounted> {
     let fs = KmsFs::new(cipherdir, keys, settings.read_only, !settings.no_writeback)?;
-    let mut opts = vec![
-        MountOption::FSName(cipherdir.display().to_string()),
-        MountOption::Subtype("kmsfs".into()),
-    ];
+    let mut opts = Vec::new();
     if settings.allow_other {
         // The daemon runs as root and checks nothing itself: when other
         // users may enter, the kernel must check their permissions.
@@ -63,7 +122,6 @@ pub fn spawn_mount(
     });
     opts.extend(settings.extra.iter().cloned());
     let mut config = fuser::Config::default();
-    config.mount_options = opts;
     config.acl = if settings.allow_other {
         fuser::SessionACL::All
     } else {
@@ -72,7 +130,41 @@ pub fn spawn_mount(
     config.n_threads = Some(settings.threads.max(1));
     config.clone_fd = true;
     let space = fs.space_errors();
-    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    let fd = match kernel_mount::mount(cipherdir, mountpoint, &opts, settings.allow_other) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            // Not allowed to mount (not root): fuser mounts through the
+            // setuid fusermount3, and the kernel records type `fuse`.
+            opts.push(MountOption::FSName(cipherdir.display().to_string()));
+            opts.push(MountOption::Subtype("kmsfs".into()));
+            config.mount_options = opts;
+            let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+            space.set_notifier(session.notifier());
+            return Ok(Mounted {
+                session: Some(session),
+                mountpoint: mountpoint.to_path_buf(),
+                fs_type: "fuse",
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    // The kernel has queued INIT on the new connection; from here on a
+    // failure must unmount again.
+    let session = match fuser::Session::from_fd(fs, fd, config.acl, config.clone()) {
+        Ok(s) => s.spawn(),
+        Err(e) => Err(e),
+    };
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = unmount(mountpoint, libc::MNT_DETACH);
+            return Err(e);
+        }
+    };
     space.set_notifier(session.notifier());
-    Ok(session)
+    Ok(Mounted {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        fs_type: kernel_mount::FS_TYPE,
+    })
 }
