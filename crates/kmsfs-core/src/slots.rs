@@ -250,9 +250,9 @@ impl KeySlot {
                 }
                 SlotKms::Vault(VaultSlot {
                     addresses: f.addresses()?,
-                    transit_path: f
-                        .transit_path
-                        .ok_or(HeaderError::Malformed("Vault key slot without transit path"))?,
+                    transit_path: f.transit_path.ok_or(HeaderError::Malformed(
+                        "Vault key slot without transit path",
+                    ))?,
                     namespace: f.namespace,
                     key_name: f
                         .key_name
@@ -295,7 +295,10 @@ impl KeySlot {
     }
 }
 
-fn push_addresses(fields: &mut Vec<(u8, Vec<u8>)>, addresses: &[String]) -> Result<(), HeaderError> {
+fn push_addresses(
+    fields: &mut Vec<(u8, Vec<u8>)>,
+    addresses: &[String],
+) -> Result<(), HeaderError> {
     if addresses.is_empty() {
         return Err(HeaderError::Malformed("key slot without an address"));
     }
@@ -326,9 +329,7 @@ fn check_value(t: u8, value: &[u8]) -> Result<(), HeaderError> {
         MAX_FIELD_LEN
     };
     if value.is_empty() || value.len() > max {
-        return Err(HeaderError::Malformed(
-            "key slot field length out of range",
-        ));
+        return Err(HeaderError::Malformed("key slot field length out of range"));
     }
     let s = std::str::from_utf8(value)
         .map_err(|_| HeaderError::Malformed("key slot field is not UTF-8"))?;
