@@ -103,7 +103,8 @@ fn raw_builder_matches_the_encoder() {
 #[test]
 fn strict_parsing_refuses_each_deviation() {
     let base = vault_fields();
-    let with = |f: &dyn Fn(&mut Vec<(u8, &'static [u8])>)| {
+    type Fields = Vec<(u8, &'static [u8])>;
+    let with = |f: &dyn Fn(&mut Fields)| {
         let mut v = base.clone();
         f(&mut v);
         raw_header(1, &raw_slot(1, 0, "primary", &v))
