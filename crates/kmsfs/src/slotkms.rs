@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(reach(&dr, &slots[3]), Reach::SameKms);
         assert_eq!(try_order(&dr, &slots), vec![1, 3, 0, 2]);
         let primary = cfg("https://p:8200", "kmsfs");
-        assert_eq!(try_order(&primary, &slots), vec![0, 1, 3, 2]);
+        assert_eq!(try_order(&primary, &slots), vec![0, 1, 2, 3]);
     }
 
     #[test]
