@@ -152,18 +152,37 @@ async fn a_dr_slot_mounts_with_the_primary_kms_stopped() {
         .await
         .ok()
         .stdout;
+    println!("slot list:\n{text}");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
-    assert!(
-        lines[1].starts_with("0  primary  vault  kmsfs  v1  transit  -  ")
-            && lines[1].contains(env.primary_server().addr()),
-        "{text}"
+    let cells = |l: &str| -> Vec<String> { l.split_whitespace().map(String::from).collect() };
+    assert_eq!(
+        cells(lines[0]),
+        [
+            "INDEX",
+            "LABEL",
+            "TYPE",
+            "KEY",
+            "VERSION",
+            "MOUNT",
+            "NAMESPACE",
+            "CREATED",
+            "ADDRESSES"
+        ]
     );
-    assert!(
-        lines[2].starts_with("1  dr  vault  kmsfs  v1  transit  -  ")
-            && lines[2].contains(env.dr_server().addr()),
-        "{text}"
-    );
+    for (line, (i, label, addr)) in lines[1..].iter().zip([
+        ("0", "primary", env.primary_server().addr()),
+        ("1", "dr", env.dr_server().addr()),
+    ]) {
+        let c = cells(line);
+        assert_eq!(
+            c[..7],
+            [i, label, "vault", KEY, "v1", "transit", "-"],
+            "{text}"
+        );
+        assert!(c[7].ends_with('Z'), "{text}");
+        assert_eq!(c[8], addr, "{text}");
+    }
     let slots = env.slots_json(&cipher).await;
     assert_eq!(slots.len(), 2);
     assert_eq!(slots[0]["label"], "primary");
@@ -215,6 +234,7 @@ async fn a_dr_slot_mounts_with_the_primary_kms_stopped() {
         .await
         .failed();
     // The error lists each slot tried and why.
+    println!("unlock with the primary down:\n{}", r.stderr);
     assert!(
         r.stderr.contains("slot 0 'primary'") && r.stderr.contains("slot 1 'dr'"),
         "{}",

@@ -105,7 +105,7 @@ pub enum SlotFailure {
 impl std::fmt::Display for SlotFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SlotFailure::Kms(e) => write!(f, "{e}"),
+            SlotFailure::Kms(e) => write!(f, "through the configured KMS: {e}"),
             SlotFailure::Header(d) => write!(f, "{d}"),
             SlotFailure::Skipped(d) => write!(f, "not tried: {d}"),
         }
@@ -145,7 +145,7 @@ fn summary(attempts: &[SlotAttempt]) -> String {
     let head = if tried == 0 {
         "no key slot can be opened with this KMS configuration".to_string()
     } else {
-        format!("none of the {tried} key slot(s) this KMS configuration can reach opened it")
+        format!("no key slot opened with this KMS configuration ({tried} tried)")
     };
     let lines: Vec<String> = attempts
         .iter()
@@ -232,8 +232,19 @@ pub async fn unlock(
     let slots = hdr.unverified().slots.clone();
     let order = slotkms::try_order(access.config(), &slots);
     let mut attempts: Vec<SlotAttempt> = Vec::new();
+    let mut down: Option<String> = None;
     for &i in &order {
         let slot = &slots[i];
+        if let Some(why) = &down {
+            // Every slot goes through the same configured KMS: once it is
+            // down, asking again for the next slot only adds timeouts.
+            attempts.push(SlotAttempt {
+                index: i,
+                slot: slotkms::describe(i, slot),
+                failure: SlotFailure::Skipped(why.clone()),
+            });
+            continue;
+        }
         let failure = match unwrap_slot(access, slot, &uuid).await {
             Ok(master) => {
                 let keys = FsKeys::derive(&master, &uuid);
@@ -253,6 +264,12 @@ pub async fn unlock(
             }
             Err(f) => f,
         };
+        if let SlotFailure::Kms(KmsError::Unreachable { .. } | KmsError::Sealed { .. }) = &failure {
+            down = Some(format!(
+                "the configured KMS ({}) is not available",
+                access.config().addresses.join(", ")
+            ));
+        }
         attempts.push(SlotAttempt {
             index: i,
             slot: slotkms::describe(i, slot),

@@ -136,7 +136,19 @@ fn run_list(a: ListArgs) -> anyhow::Result<()> {
             "slots": slots,
         }));
     }
-    println!("INDEX  LABEL  TYPE  KEY  VERSION  MOUNT  NAMESPACE  ADDRESSES  CREATED");
+    let mut rows: Vec<Vec<String>> = vec![[
+        "INDEX",
+        "LABEL",
+        "TYPE",
+        "KEY",
+        "VERSION",
+        "MOUNT",
+        "NAMESPACE",
+        "CREATED",
+        "ADDRESSES",
+    ]
+    .map(String::from)
+    .to_vec()];
     for (i, s) in h.slots.iter().enumerate() {
         let (key, version, mount, ns) = match &s.kms {
             SlotKms::Vault(v) => (
@@ -144,20 +156,35 @@ fn run_list(a: ListArgs) -> anyhow::Result<()> {
                 format!(
                     "v{}{}",
                     v.key_version,
-                    if v.uses_context { " (derived)" } else { "" }
+                    if v.uses_context { "+ctx" } else { "" }
                 ),
                 v.transit_path.clone(),
                 v.namespace.clone().unwrap_or_else(|| "-".into()),
             ),
             SlotKms::Kmip(k) => (k.key_id.clone(), "-".into(), "-".into(), "-".into()),
         };
-        println!(
-            "{i}  {}  {}  {key}  {version}  {mount}  {ns}  {}  {}",
-            s.label,
-            s.kms_type().as_str(),
+        rows.push(vec![
+            i.to_string(),
+            s.label.clone(),
+            s.kms_type().as_str().into(),
+            key,
+            version,
+            mount,
+            ns,
+            rfc3339_utc(s.created),
             s.addresses().join(","),
-            rfc3339_utc(s.created)
-        );
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
     }
     eprintln!("(read from the header without the KMS: not authenticated until a mount or unlock)");
     Ok(())
