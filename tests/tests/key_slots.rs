@@ -227,6 +227,37 @@ async fn a_dr_slot_mounts_with_the_primary_kms_stopped() {
         .failed();
     assert!(r.stderr.contains("already labelled 'dr'"), "{}", r.stderr);
 
+    // A KMS that does not answer: refused, header unchanged.
+    let before = fs::read(header(&cipher)).expect("header");
+    let dead = Kmsfs::new(env.primary.path("dead/kms.toml"));
+    dead.run_async(&[
+        "kms",
+        "set",
+        "vault",
+        &kmsfs_e2e::bao::dead_address().expect("port"),
+        KEY,
+        "--token-file",
+        s(&env.primary.token_file),
+        "--timeout",
+        "2",
+        "--no-verify",
+    ])
+    .await
+    .ok();
+    let r = env
+        .run(
+            env.host(),
+            &["slot", "add", s(&cipher), "--kms-config", s(&dead.config)],
+        )
+        .await
+        .failed();
+    assert!(
+        r.stderr.contains("unreachable") && r.stderr.contains("header unchanged"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read(header(&cipher)).expect("header"), before);
+
     // The primary KMS goes away.
     drop(env.primary.server.take());
     let r = env

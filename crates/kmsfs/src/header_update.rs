@@ -150,3 +150,49 @@ pub fn replace_header(
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_waiting_writer_locks_the_replaced_header_not_the_old_one() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = header_path(d.path());
+        std::fs::write(&path, b"old").expect("write");
+        let first = HeaderLock::acquire(d.path()).expect("first lock");
+
+        let (tx, rx) = mpsc::channel();
+        let dir = d.path().to_path_buf();
+        let waiter = std::thread::spawn(move || {
+            let lock = HeaderLock::acquire(&dir).expect("second lock");
+            let ino = lock._file.metadata().expect("stat").ino();
+            tx.send(ino).expect("send");
+            // Hold it until the main thread has looked.
+            std::thread::sleep(Duration::from_millis(50));
+        });
+        // While the first holder has it, the second does not get it.
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+
+        // The holder replaces the header by rename, then lets go.
+        write_header(d.path(), b"new").expect("replace");
+        let new_ino = std::fs::metadata(&path).expect("stat").ino();
+        drop(first);
+        let got = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("second lock");
+        assert_eq!(got, new_ino, "the waiter must lock the new header");
+        waiter.join().expect("join");
+    }
+
+    #[test]
+    fn a_missing_or_planted_header_is_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let e = HeaderLock::acquire(d.path()).expect_err("no header");
+        assert!(e.to_string().contains("not a kmsfs filesystem"), "{e}");
+        std::os::unix::fs::symlink("/etc/passwd", header_path(d.path())).expect("symlink");
+        assert!(HeaderLock::acquire(d.path()).is_err());
+    }
+}
