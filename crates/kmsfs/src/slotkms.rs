@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 
 use kmsfs_core::header::{KeySlot, SlotKms, VaultSlot};
-use kmsfs_keystore::{KmsConfig, KmsError, VaultClient};
+use kmsfs_keystore::{KmsConfig, KmsError, KmsKind, VaultClient};
 
 /// How well a slot matches a configuration, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,6 +52,10 @@ pub fn reach(cfg: &KmsConfig, slot: &KeySlot) -> Reach {
     let SlotKms::Vault(v) = &slot.kms else {
         return Reach::OtherType;
     };
+    // A configuration for another kind of KMS never opens a Transit slot.
+    if !matches!(cfg.kind, KmsKind::Vault) {
+        return Reach::OtherType;
+    }
     let addr = shares_address(cfg, &v.addresses);
     let mount = same_mount(cfg, v);
     let key = v.key_name == cfg.key_name;
