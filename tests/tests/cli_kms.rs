@@ -345,7 +345,8 @@ async fn create_then_info_even_with_the_kms_stopped() {
 
     let v = st.info(&fsdir);
     assert_eq!(v["uuid"], uuid.as_str());
-    assert_eq!(v["format_version"], 2);
+    assert_eq!(v["format_version"], 3);
+    assert_eq!(v["slots"][0]["label"], "primary");
     assert_eq!(v["cipher"], "aes-256-xts");
     assert_eq!(v["names_cipher"], "aes-256-siv");
     assert_eq!(v["kms_type"], "vault");

@@ -7,7 +7,7 @@
 //! Real OpenBao dev server, the real `kmsfs` binary, real FUSE mounts
 //! (unmounted by guards even when an assertion fails).
 
-use kmsfs_core::header::{Header, KeySlot, KmsType, UnverifiedHeader};
+use kmsfs_core::header::{Header, KeySlot, SlotKms, UnverifiedHeader, VaultSlot};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 use kmsfs_core::secret::SecretBytes;
 use kmsfs_e2e::bao::{write_token_file, BaoServer};
@@ -153,11 +153,17 @@ async fn forge_header(env: &Env, cipher: &Path) {
         uuid,
         created: victim.unverified().created,
         slots: vec![KeySlot {
-            kms_type: KmsType::VaultTransit,
-            uses_context: false,
-            key_name: KEY.into(),
-            key_version: wrapped.key_version,
-            wrapped_key: wrapped.ciphertext,
+            label: "primary".into(),
+            created: victim.unverified().created,
+            kms: SlotKms::Vault(VaultSlot {
+                addresses: vec![env.server().addr().to_string()],
+                transit_path: "transit".into(),
+                namespace: None,
+                key_name: KEY.into(),
+                key_version: wrapped.key_version,
+                uses_context: false,
+                wrapped_key: wrapped.ciphertext,
+            }),
         }],
     };
     let bytes = forged

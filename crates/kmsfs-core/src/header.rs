@@ -5,9 +5,12 @@
 //! and one or more key slots, each a copy of the master key wrapped by a KMS.
 //! A SHA-256 checksum detects accidental damage without the KMS; an
 //! HMAC-SHA256 under a subkey of the master key detects tampering once the
-//! key is unwrapped. See `docs/format.md` for the byte layout.
+//! key is unwrapped, and covers every slot: a slot cannot be added, removed
+//! or changed without the master key. See `docs/format.md` for the byte
+//! layout; the slot encoding lives in [`crate::slots`].
 
 use crate::keys::FsKeys;
+pub use crate::slots::{KeySlot, KmipSlot, KmsType, SlotKms, VaultSlot};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -16,8 +19,8 @@ pub const HEADER_FILE_NAME: &str = "kmsfs.header";
 /// First eight bytes of every header.
 pub const HEADER_MAGIC: [u8; 8] = *b"KMSFSHDR";
 /// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 2;
-/// Feature bits this build understands (none are defined in version 2).
+pub const FORMAT_VERSION: u16 = 3;
+/// Feature bits this build understands (none are defined in version 3).
 pub const KNOWN_FEATURES: u64 = 0;
 /// Most key slots a header may carry.
 pub const MAX_SLOTS: usize = 8;
@@ -36,52 +39,6 @@ pub const UNIT_LOG2: u8 = 12;
 const FIXED_LEN: usize = 52;
 const CHECKSUM_LEN: usize = 32;
 const MAC_LEN: usize = 32;
-const SLOT_FLAG_CONTEXT: u8 = 0x01;
-const KNOWN_SLOT_FLAGS: u8 = SLOT_FLAG_CONTEXT;
-
-/// Which kind of KMS wrapped a key slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KmsType {
-    /// HashiCorp Vault / OpenBao Transit secrets engine.
-    VaultTransit,
-}
-
-impl KmsType {
-    fn id(self) -> u8 {
-        match self {
-            KmsType::VaultTransit => 1,
-        }
-    }
-
-    fn from_id(id: u8) -> Option<Self> {
-        match id {
-            1 => Some(KmsType::VaultTransit),
-            _ => None,
-        }
-    }
-
-    /// The name used in configuration and `kmsfs info`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KmsType::VaultTransit => "vault",
-        }
-    }
-}
-
-/// One wrapped copy of the master key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeySlot {
-    /// The KMS that wrapped it.
-    pub kms_type: KmsType,
-    /// True when the KMS key is derived and the filesystem UUID was the context.
-    pub uses_context: bool,
-    /// The KMS key's name.
-    pub key_name: String,
-    /// The KMS key version that produced `wrapped_key`.
-    pub key_version: u32,
-    /// The KMS ciphertext (for Vault, `vault:vN:<base64>`); not secret.
-    pub wrapped_key: String,
-}
 
 /// The decoded filesystem header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +93,9 @@ pub enum HeaderError {
     /// A structural problem inside the header.
     #[error("malformed header: {0}")]
     Malformed(&'static str),
+    /// Two key slots share a label.
+    #[error("two key slots are labelled '{0}'")]
+    DuplicateLabel(String),
     /// The HMAC does not verify under the unwrapped key.
     #[error("header authentication failed: the header was tampered with, or the KMS returned a key that is not this filesystem's")]
     BadMac,
@@ -168,23 +128,9 @@ impl Header {
             0,
         ]);
         debug_assert_eq!(out.len(), FIXED_LEN);
+        crate::slots::check_labels_unique(&self.slots)?;
         for slot in &self.slots {
-            let name = slot.key_name.as_bytes();
-            let wrapped = slot.wrapped_key.as_bytes();
-            if name.is_empty() || name.len() > 1024 || wrapped.is_empty() || wrapped.len() > 4096 {
-                return Err(HeaderError::Malformed("key slot field length out of range"));
-            }
-            out.push(slot.kms_type.id());
-            out.push(if slot.uses_context {
-                SLOT_FLAG_CONTEXT
-            } else {
-                0
-            });
-            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            out.extend_from_slice(name);
-            out.extend_from_slice(&slot.key_version.to_le_bytes());
-            out.extend_from_slice(&(wrapped.len() as u16).to_le_bytes());
-            out.extend_from_slice(wrapped);
+            slot.encode_into(&mut out)?;
         }
         let total = out.len() + CHECKSUM_LEN + MAC_LEN;
         if total > MAX_HEADER_LEN {
@@ -270,28 +216,9 @@ impl UnverifiedHeader {
         }
         let mut slots = Vec::with_capacity(nslots);
         for _ in 0..nslots {
-            let [kms, flags] = r.array()?;
-            let kms_type = KmsType::from_id(kms).ok_or(HeaderError::Unsupported {
-                field: "KMS type",
-                value: kms,
-            })?;
-            if flags & !KNOWN_SLOT_FLAGS != 0 {
-                return Err(HeaderError::Unsupported {
-                    field: "key slot flags",
-                    value: flags,
-                });
-            }
-            let key_name = r.string()?;
-            let key_version = u32::from_le_bytes(r.array()?);
-            let wrapped_key = r.string()?;
-            slots.push(KeySlot {
-                kms_type,
-                uses_context: flags & SLOT_FLAG_CONTEXT != 0,
-                key_name,
-                key_version,
-                wrapped_key,
-            });
+            slots.push(KeySlot::decode(&mut r)?);
         }
+        crate::slots::check_labels_unique(&slots)?;
         if r.pos != body.len() {
             return Err(HeaderError::Malformed("trailing bytes after the key slots"));
         }
@@ -332,13 +259,14 @@ fn mac(keys: &FsKeys, body: &[u8]) -> [u8; MAC_LEN] {
     m.finalize().into_bytes().into()
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// A bounds-checked cursor over header bytes.
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], HeaderError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&[u8], HeaderError> {
         let end = self
             .pos
             .checked_add(n)
@@ -351,18 +279,9 @@ impl Reader<'_> {
         Ok(s)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], HeaderError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], HeaderError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
-    }
-
-    fn string(&mut self) -> Result<String, HeaderError> {
-        let len = usize::from(u16::from_le_bytes(self.array()?));
-        if len == 0 {
-            return Err(HeaderError::Malformed("empty string field"));
-        }
-        let s = self.take(len)?;
-        String::from_utf8(s.to_vec()).map_err(|_| HeaderError::Malformed("string is not UTF-8"))
     }
 }

@@ -8,5 +8,6 @@ pub mod layout;
 mod locked_arena;
 pub mod names;
 pub mod secret;
+pub mod slots;
 pub mod units;
 pub mod xts;

@@ -5,7 +5,7 @@ mod common;
 
 use common::MemFile;
 use kmsfs_core::contents::{encode_file_header, encode_tiny_file_header, FileContents};
-use kmsfs_core::header::{Header, KeySlot, KmsType, UnverifiedHeader};
+use kmsfs_core::header::{Header, KeySlot, KmipSlot, SlotKms, UnverifiedHeader, VaultSlot};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 use kmsfs_core::names::{encrypt_name, EncryptedName};
 use kmsfs_core::secret::SecretBytes;
@@ -34,13 +34,30 @@ fn header_worked_example() {
         features: 0,
         uuid: EXAMPLE_UUID,
         created: 1_795_000_000,
-        slots: vec![KeySlot {
-            kms_type: KmsType::VaultTransit,
-            uses_context: false,
-            key_name: "kmsfs".into(),
-            key_version: 1,
-            wrapped_key: "vault:v1:QUJDRA==".into(),
-        }],
+        slots: vec![
+            KeySlot {
+                label: "primary".into(),
+                created: 1_795_000_000,
+                kms: SlotKms::Vault(VaultSlot {
+                    addresses: vec!["https://kms-1.example:8200".into()],
+                    transit_path: "transit".into(),
+                    namespace: None,
+                    key_name: "kmsfs".into(),
+                    key_version: 1,
+                    uses_context: false,
+                    wrapped_key: "vault:v1:QUJDRA==".into(),
+                }),
+            },
+            KeySlot {
+                label: "escrow".into(),
+                created: 1_795_000_600,
+                kms: SlotKms::Kmip(KmipSlot {
+                    addresses: vec!["kmip.example:5696".into()],
+                    key_id: "7f3c".into(),
+                    wrapped: "kmip:AAEC".into(),
+                }),
+            },
+        ],
     };
     let bytes = h.encode(&keys).unwrap();
     println!("{}", hex(&bytes));
@@ -149,9 +166,11 @@ fn docs_show_the_checked_vectors() {
         .split_whitespace()
         .collect();
     let header = include_str!("format_example_header.hex").trim();
-    // The header is printed in annotated pieces; its checksum and MAC last.
-    assert!(doc.contains(&header[header.len() - 128..header.len() - 64]));
-    assert!(doc.contains(&header[header.len() - 64..]));
+    assert_eq!(
+        documented_header(),
+        header,
+        "the annotated header in docs/format.md section 7"
+    );
     let file = include_str!("format_example_file.hex").trim();
     assert!(doc.contains(&file[64..]), "20-byte example ciphertext");
     for label in ["unit0-head", "unit1", "sha256", "tiny-ct"] {
@@ -162,4 +181,31 @@ fn docs_show_the_checked_vectors() {
     }
     let tiny = documented("tiny");
     assert!(doc.contains(&tiny[32..]), "tiny nonce + ciphertext");
+}
+
+/// The worked header as docs/format.md prints it: in the first code block
+/// of section 7, each line is hex groups, two spaces, then a comment.
+fn documented_header() -> String {
+    let doc = include_str!("../../../docs/format.md");
+    let section = doc
+        .split("## 7. Worked example")
+        .nth(1)
+        .expect("section 7 in docs/format.md");
+    let block = section
+        .split("```")
+        .nth(1)
+        .expect("a code block in section 7");
+    block
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (hexpart, _comment) = l.split_once("  ").expect("hex, two spaces, comment");
+            let groups: String = hexpart.split(' ').collect();
+            assert!(
+                groups.bytes().all(|b| b.is_ascii_hexdigit()),
+                "not hex: {hexpart:?}"
+            );
+            groups
+        })
+        .collect()
 }

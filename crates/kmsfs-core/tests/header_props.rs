@@ -10,13 +10,29 @@ fn sample() -> Header {
         features: 0,
         uuid: *b"0123456789abcdef",
         created: 1_790_000_000,
-        slots: vec![KeySlot {
-            kms_type: KmsType::VaultTransit,
-            uses_context: false,
-            key_name: "kmsfs".into(),
-            key_version: 1,
-            wrapped_key: "vault:v1:AAAAbbbbCCCCddddEEEEffff".into(),
-        }],
+        slots: vec![vault_slot(
+            "primary",
+            "kmsfs",
+            1,
+            false,
+            "vault:v1:AAAAbbbbCCCCddddEEEEffff",
+        )],
+    }
+}
+
+fn vault_slot(label: &str, key: &str, version: u32, ctx: bool, wrapped: &str) -> KeySlot {
+    KeySlot {
+        label: label.into(),
+        created: 1_790_000_000,
+        kms: SlotKms::Vault(VaultSlot {
+            addresses: vec!["https://kms:8200".into()],
+            transit_path: "transit".into(),
+            namespace: None,
+            key_name: key.into(),
+            key_version: version,
+            uses_context: ctx,
+            wrapped_key: wrapped.into(),
+        }),
     }
 }
 
@@ -49,12 +65,16 @@ fn a_different_key_fails_authentication() {
 #[test]
 fn every_single_byte_change_is_rejected() {
     let mut h = sample();
+    h.slots
+        .push(vault_slot("dr", "dr-key", 7, true, "vault:v7:ZZZZ"));
     h.slots.push(KeySlot {
-        kms_type: KmsType::VaultTransit,
-        uses_context: true,
-        key_name: "dr-key".into(),
-        key_version: 7,
-        wrapped_key: "vault:v7:ZZZZ".into(),
+        label: "escrow".into(),
+        created: 1_790_000_100,
+        kms: SlotKms::Kmip(KmipSlot {
+            addresses: vec!["kmip-1:5696".into(), "kmip-2:5696".into()],
+            key_id: "42".into(),
+            wrapped: "opaque".into(),
+        }),
     });
     let k = keys_for(&h);
     let bytes = h.encode(&k).unwrap();
@@ -90,8 +110,8 @@ fn unknown_versions_and_features_are_refused() {
     let h = sample();
     let k = keys_for(&h);
     let bytes = h.encode(&k).unwrap();
-    // Version 1 (the old unit grid) and a future version 3.
-    for version in [1u8, 3] {
+    // Version 1 (the old unit grid), 2 (slots without identity) and a future 4.
+    for version in [1u8, 2, 4] {
         let mut other = bytes.clone();
         other[8] = version;
         reseal(&mut other);

@@ -8,9 +8,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kmsfs_core::header::{Header, HeaderError, KmsType, UnverifiedHeader, HEADER_FILE_NAME};
+use kmsfs_core::header::{
+    Header, HeaderError, KeySlot, SlotKms, UnverifiedHeader, HEADER_FILE_NAME,
+};
 use kmsfs_core::keys::{FsKeys, MasterKey};
-use kmsfs_keystore::{KmsError, VaultClient};
+use kmsfs_keystore::KmsError;
+
+use crate::slotkms::{self, KmsAccess};
 
 /// Permission bits of `kmsfs.header` (it holds only the wrapped key, but
 /// nobody other than the owner needs it).
@@ -86,130 +90,208 @@ pub fn slot_context(uses_context: bool, uuid: &[u8; 16]) -> Option<&[u8]> {
     uses_context.then_some(uuid.as_slice())
 }
 
-/// Why a filesystem could not be unlocked.
-#[derive(Debug, thiserror::Error)]
-pub enum UnlockError {
-    /// The KMS refused or could not be reached; see [`UnlockError::is_retryable`].
-    #[error("cannot unlock {}: key '{key}': {error}", cipherdir.display())]
-    Kms {
-        /// The backing directory.
-        cipherdir: PathBuf,
-        /// The KMS key of the slot that failed.
-        key: String,
-        /// What the KMS client reported.
-        error: KmsError,
-    },
+/// What went wrong with one key slot during an unlock.
+#[derive(Debug)]
+pub enum SlotFailure {
+    /// The KMS refused or could not be reached.
+    Kms(KmsError),
     /// The KMS returned a key, but the header does not authenticate with it
     /// (tampering), or the key is malformed.
-    #[error("cannot unlock {}: {}: {detail}", cipherdir.display(), file.display())]
-    Header {
-        /// The backing directory.
-        cipherdir: PathBuf,
-        /// The header file.
-        file: PathBuf,
-        /// What is wrong.
-        detail: String,
-    },
-    /// No key slot uses a KMS this build supports.
-    #[error("cannot unlock {}: no key slot uses a supported KMS", cipherdir.display())]
-    NoUsableSlot {
-        /// The backing directory.
-        cipherdir: PathBuf,
-    },
+    Header(String),
+    /// The slot was not tried: this configuration cannot open it.
+    Skipped(String),
+}
+
+impl std::fmt::Display for SlotFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SlotFailure::Kms(e) => write!(f, "through the configured KMS: {e}"),
+            SlotFailure::Header(d) => write!(f, "{d}"),
+            SlotFailure::Skipped(d) => write!(f, "not tried: {d}"),
+        }
+    }
+}
+
+/// One slot and why it did not open the filesystem.
+#[derive(Debug)]
+pub struct SlotAttempt {
+    /// The slot's index in the header.
+    pub index: usize,
+    /// [`slotkms::describe`] of the slot.
+    pub slot: String,
+    /// What happened.
+    pub failure: SlotFailure,
+}
+
+/// Why a filesystem could not be unlocked: every slot, and why each failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot unlock {}: {}", cipherdir.display(), summary(attempts))]
+pub struct UnlockError {
+    /// The backing directory.
+    pub cipherdir: PathBuf,
+    /// Each slot of the header, in the order tried (untried ones last).
+    pub attempts: Vec<SlotAttempt>,
+}
+
+fn summary(attempts: &[SlotAttempt]) -> String {
+    let tried = attempts
+        .iter()
+        .filter(|a| !matches!(a.failure, SlotFailure::Skipped(_)))
+        .count();
+    if attempts.len() == 1 {
+        let a = &attempts[0];
+        return format!("{}: {}", a.slot, a.failure);
+    }
+    let head = if tried == 0 {
+        "no key slot can be opened with this KMS configuration".to_string()
+    } else {
+        format!("no key slot opened with this KMS configuration ({tried} tried)")
+    };
+    let lines: Vec<String> = attempts
+        .iter()
+        .map(|a| format!("\n  {}: {}", a.slot, a.failure))
+        .collect();
+    format!("{head}:{}", lines.concat())
 }
 
 impl UnlockError {
-    /// True when trying again later may succeed: the KMS was unreachable or
-    /// sealed. Permission, missing key, rejected ciphertext and header
-    /// authentication errors are final.
+    /// True when trying again later may succeed: a KMS was unreachable or
+    /// sealed, and no slot failed for a reason that retrying cannot change
+    /// (a header that does not authenticate).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            UnlockError::Kms {
-                error: KmsError::Unreachable { .. } | KmsError::Sealed { .. },
-                ..
-            }
-        )
+        let definitive = self
+            .attempts
+            .iter()
+            .any(|a| matches!(a.failure, SlotFailure::Header(_)));
+        !definitive
+            && self.attempts.iter().any(|a| {
+                matches!(
+                    a.failure,
+                    SlotFailure::Kms(KmsError::Unreachable { .. } | KmsError::Sealed { .. })
+                )
+            })
     }
 
-    /// The KMS error, when the KMS is what failed.
+    /// The first KMS error, when a KMS is what failed.
     pub fn kms_error(&self) -> Option<&KmsError> {
-        match self {
-            UnlockError::Kms { error, .. } => Some(error),
+        self.attempts.iter().find_map(|a| match &a.failure {
+            SlotFailure::Kms(e) => Some(e),
             _ => None,
-        }
+        })
     }
 }
 
-/// Unlocks a filesystem: asks the KMS to unwrap slot 0's wrapped master key
-/// (then the other slots, if it fails), passing the filesystem UUID as the
-/// Transit context when the slot says the key is derived, derives the
-/// filesystem keys and verifies the header MAC. Only the returned [`Header`]
-/// is trusted.
+/// An unlocked filesystem: the authenticated header and the keys.
+pub struct Unlocked {
+    /// The header, authenticated by its MAC.
+    pub header: Header,
+    /// The derived filesystem keys.
+    pub keys: FsKeys,
+    /// The master key.
+    pub master: MasterKey,
+    /// The index of the slot that opened it.
+    pub slot: usize,
+}
+
+/// Unwraps one Transit slot through `access`; the master key it holds.
+pub async fn unwrap_slot(
+    access: &KmsAccess,
+    slot: &KeySlot,
+    uuid: &[u8; 16],
+) -> Result<MasterKey, SlotFailure> {
+    let SlotKms::Vault(v) = &slot.kms else {
+        return Err(SlotFailure::Skipped(format!(
+            "a {} slot; this configuration is for vault",
+            slot.kms_type().as_str()
+        )));
+    };
+    let client = access.client_for_slot(v).map_err(SlotFailure::Kms)?;
+    let ctx = slot_context(v.uses_context, uuid);
+    let secret = client
+        .unwrap(&v.key_name, &v.wrapped_key, ctx)
+        .await
+        .map_err(SlotFailure::Kms)?;
+    MasterKey::from_secret(secret)
+        .map_err(|e| SlotFailure::Header(format!("unwrapped to an invalid master key: {e}")))
+}
+
+/// Unlocks a filesystem: asks the configured KMS to unwrap the slots it can
+/// reach, best match first ([`slotkms::try_order`]), passing the filesystem
+/// UUID as the Transit context when the slot says the key is derived;
+/// derives the filesystem keys and verifies the header MAC. The first slot
+/// that yields a key under which the header authenticates wins. Only the
+/// returned [`Header`] is trusted.
 ///
-/// When every slot fails: a header authentication failure wins (it is
-/// definitive), then a retryable KMS error (another attempt may succeed),
-/// then the first slot's error.
+/// When no slot opens it, the error lists every slot and why.
 pub async fn unlock(
-    client: &VaultClient,
+    access: &KmsAccess,
     cipherdir: &Path,
     hdr: UnverifiedHeader,
-) -> Result<(Header, FsKeys, MasterKey), UnlockError> {
+) -> Result<Unlocked, UnlockError> {
     let uuid = hdr.unverified().uuid;
     let slots = hdr.unverified().slots.clone();
-    let mut errors: Vec<UnlockError> = Vec::new();
-    for slot in &slots {
-        match slot.kms_type {
-            KmsType::VaultTransit => {}
+    let order = slotkms::try_order(access.config(), &slots);
+    let mut attempts: Vec<SlotAttempt> = Vec::new();
+    let mut down: Option<String> = None;
+    for &i in &order {
+        let slot = &slots[i];
+        if let Some(why) = &down {
+            // Every slot goes through the same configured KMS: once it is
+            // down, asking again for the next slot only adds timeouts.
+            attempts.push(SlotAttempt {
+                index: i,
+                slot: slotkms::describe(i, slot),
+                failure: SlotFailure::Skipped(why.clone()),
+            });
+            continue;
         }
-        let ctx = slot_context(slot.uses_context, &uuid);
-        let secret = match client.unwrap(&slot.key_name, &slot.wrapped_key, ctx).await {
-            Ok(s) => s,
-            Err(error) => {
-                errors.push(UnlockError::Kms {
-                    cipherdir: cipherdir.to_path_buf(),
-                    key: slot.key_name.clone(),
-                    error,
-                });
-                continue;
+        let failure = match unwrap_slot(access, slot, &uuid).await {
+            Ok(master) => {
+                let keys = FsKeys::derive(&master, &uuid);
+                match hdr.clone().verify(&keys) {
+                    Ok(header) => {
+                        return Ok(Unlocked {
+                            header,
+                            keys,
+                            master,
+                            slot: i,
+                        })
+                    }
+                    Err(e) => {
+                        SlotFailure::Header(format!("{}: {e}", header_path(cipherdir).display()))
+                    }
+                }
             }
+            Err(f) => f,
         };
-        let master = match MasterKey::from_secret(secret) {
-            Ok(m) => m,
-            Err(e) => {
-                errors.push(UnlockError::Header {
-                    cipherdir: cipherdir.to_path_buf(),
-                    file: header_path(cipherdir),
-                    detail: format!(
-                        "key '{}' unwrapped to an invalid master key: {e}",
-                        slot.key_name
-                    ),
-                });
-                continue;
-            }
-        };
-        let keys = FsKeys::derive(&master, &uuid);
-        match hdr.clone().verify(&keys) {
-            Ok(header) => return Ok((header, keys, master)),
-            Err(e) => errors.push(UnlockError::Header {
-                cipherdir: cipherdir.to_path_buf(),
-                file: header_path(cipherdir),
-                detail: e.to_string(),
-            }),
+        if let SlotFailure::Kms(KmsError::Unreachable { .. } | KmsError::Sealed { .. }) = &failure {
+            down = Some(format!(
+                "the configured KMS ({}) is not available",
+                access.config().addresses.join(", ")
+            ));
+        }
+        attempts.push(SlotAttempt {
+            index: i,
+            slot: slotkms::describe(i, slot),
+            failure,
+        });
+    }
+    for (i, slot) in slots.iter().enumerate() {
+        if !order.contains(&i) {
+            attempts.push(SlotAttempt {
+                index: i,
+                slot: slotkms::describe(i, slot),
+                failure: SlotFailure::Skipped(format!(
+                    "a {} slot; this configuration is for vault",
+                    slot.kms_type().as_str()
+                )),
+            });
         }
     }
-    let pick = errors
-        .iter()
-        .position(|e| matches!(e, UnlockError::Header { .. }))
-        .or_else(|| errors.iter().position(UnlockError::is_retryable))
-        .unwrap_or(0);
-    if pick < errors.len() {
-        Err(errors.swap_remove(pick))
-    } else {
-        Err(UnlockError::NoUsableSlot {
-            cipherdir: cipherdir.to_path_buf(),
-        })
-    }
+    Err(UnlockError {
+        cipherdir: cipherdir.to_path_buf(),
+        attempts,
+    })
 }
 
 /// Replaces `cipherdir/kmsfs.header` atomically with `bytes`

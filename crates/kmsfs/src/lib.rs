@@ -16,8 +16,12 @@
 //!   directory's names decrypt);
 //! * [`hardening`]: non-dumpable, no-core-dump processes for every command
 //!   that holds a key or token;
+//! * [`slotkms`]: which key slots a KMS configuration reaches, and the
+//!   clients that reach them;
+//! * [`header_update`]: replacing the header under a lock, with a backup
+//!   and proof that the new one opens;
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
-//!   `rewrap`;
+//!   `rewrap`, `slot list|add|remove`;
 //! * [`mount`], [`mount_options`], [`daemon`]: `kmsfs mount`/`umount`, the
 //!   `mount.kmsfs` helper, `-o` option parsing and the daemon start-up.
 
@@ -27,10 +31,12 @@ pub mod commands;
 pub mod daemon;
 pub mod fsheader;
 pub mod hardening;
+pub mod header_update;
 pub mod keycheck;
 pub mod kmsconfig;
 pub mod mount;
 pub mod mount_checks;
 pub mod mount_options;
 pub mod registry;
+pub mod slotkms;
 pub mod timefmt;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kmsfs::commands::{
-    self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs,
+    self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, SlotArgs, UnlockCheckArgs,
 };
 use kmsfs::{kmsconfig, mount};
 
@@ -46,6 +46,8 @@ enum Command {
     Fsck(FsckArgs),
     /// Re-wrap filesystem keys with the newest KMS key version, or another key.
     Rewrap(RewrapArgs),
+    /// List, add and remove key slots (copies of the key wrapped by other KMSes).
+    Slot(SlotArgs),
     /// Unlock a filesystem with the KMS and verify its header; prints "ok".
     #[command(hide = true)]
     UnlockCheck(UnlockCheckArgs),
@@ -67,6 +69,7 @@ fn holds_secrets(command: &Command) -> bool {
         | Command::Kms(_)
         | Command::Create(_)
         | Command::Rewrap(_)
+        | Command::Slot(_)
         | Command::Fsck(_)
         | Command::UnlockCheck(_) => true,
         Command::Umount(_) | Command::Info(_) | Command::List(_) => false,
@@ -86,6 +89,7 @@ fn run(config: &Path, command: Command) -> anyhow::Result<()> {
         Command::List(a) => commands::run_list(config, a),
         Command::Fsck(a) => commands::run_fsck(config, a),
         Command::Rewrap(a) => commands::run_rewrap(config, a),
+        Command::Slot(a) => commands::run_slot(config, a),
         Command::UnlockCheck(a) => commands::run_unlock_check(config, a),
     }
 }

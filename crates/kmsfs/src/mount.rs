@@ -7,7 +7,6 @@ use crate::mount_options::{parse_options, ParsedOptions};
 use anyhow::{anyhow, bail, Context};
 use kmsfs_core::keys::FsKeys;
 use kmsfs_fuse::MountSettings;
-use kmsfs_keystore::VaultClient;
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -207,12 +206,12 @@ fn unlock_with_retry(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let client = VaultClient::new(cfg).context("KMS client configuration")?;
+    let access = crate::slotkms::KmsAccess::new(cfg).context("KMS client configuration")?;
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(500);
     loop {
-        match rt.block_on(fsheader::unlock(&client, cipherdir, header.clone())) {
-            Ok((_, keys, _)) => return Ok(keys),
+        match rt.block_on(fsheader::unlock(&access, cipherdir, header.clone())) {
+            Ok(u) => return Ok(u.keys),
             Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
                 warn!("KMS not available yet, retrying in {delay:?}: {e}");
                 std::thread::sleep(delay);

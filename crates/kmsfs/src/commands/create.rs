@@ -4,7 +4,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kmsfs_core::header::{Header, KeySlot, KmsType, HEADER_FILE_NAME};
+use kmsfs_core::header::{Header, KeySlot, SlotKms, VaultSlot, HEADER_FILE_NAME};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 use kmsfs_core::layout::{self, DIR_IV_NAME};
 use kmsfs_core::secret::SecretBytes;
@@ -16,6 +16,9 @@ use crate::keycheck::KeyCheck;
 use crate::kmsconfig::{load_kms_config, registry_path};
 use crate::registry::{Entry, Registry};
 use crate::timefmt::now_secs;
+
+/// Label of the slot `create` writes.
+pub const PRIMARY_LABEL: &str = "primary";
 
 /// Arguments of `kmsfs create`.
 #[derive(Debug, clap::Args)]
@@ -116,16 +119,23 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
         })?;
     let keys = FsKeys::derive(&master, &uuid);
     let kcv = KeyCheck::of(&keys);
+    let version = wrapped.key_version;
     let header = Header {
         features: 0,
         uuid,
         created: now_secs(),
         slots: vec![KeySlot {
-            kms_type: KmsType::VaultTransit,
-            uses_context: derived,
-            key_name: key_name.clone(),
-            key_version: wrapped.key_version,
-            wrapped_key: wrapped.ciphertext,
+            label: PRIMARY_LABEL.into(),
+            created: now_secs(),
+            kms: SlotKms::Vault(VaultSlot {
+                addresses: cfg.addresses.clone(),
+                transit_path: cfg.transit_path.clone(),
+                namespace: cfg.namespace.clone(),
+                key_name: key_name.clone(),
+                key_version: wrapped.key_version,
+                uses_context: derived,
+                wrapped_key: wrapped.ciphertext,
+            }),
         }],
     };
     let bytes = header
@@ -171,7 +181,7 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
     eprintln!(
         "created kmsfs filesystem in {} (KMS key '{key_name}' version {}{})",
         abs.display(),
-        header.slots[0].key_version,
+        version,
         if derived { ", derived" } else { "" }
     );
     eprintln!(

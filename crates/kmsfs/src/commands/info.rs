@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use kmsfs_core::header::FORMAT_VERSION;
 use serde_json::json;
 
-use crate::commands::{absolute, client, print_json, runtime, uuid_string};
+use crate::commands::{absolute, kms_access, print_json, runtime, uuid_string};
 use crate::fsheader::{read_header, unlock};
 use crate::kmsconfig::{load_kms_config, registry_path};
 use crate::registry::Registry;
@@ -65,15 +65,10 @@ pub fn run_info(config_path: &Path, args: InfoArgs) -> anyhow::Result<()> {
     let slots: Vec<_> = h
         .slots
         .iter()
-        .map(|s| {
-            json!({
-                "kms_type": s.kms_type.as_str(),
-                "key_name": s.key_name,
-                "kms_key_version": s.key_version,
-                "derived_context": s.uses_context,
-            })
-        })
+        .enumerate()
+        .map(|(i, s)| crate::commands::slot::slot_json(i, s))
         .collect();
+    let v0 = slot0.vault();
     let v = json!({
         "path": path,
         "uuid": uuid_string(&h.uuid),
@@ -81,10 +76,10 @@ pub fn run_info(config_path: &Path, args: InfoArgs) -> anyhow::Result<()> {
         "cipher": "aes-256-xts",
         "data_unit_size": 4096,
         "names_cipher": "aes-256-siv",
-        "kms_type": slot0.kms_type.as_str(),
-        "key_name": slot0.key_name,
-        "kms_key_version": slot0.key_version,
-        "derived_context": slot0.uses_context,
+        "kms_type": slot0.kms_type().as_str(),
+        "key_name": v0.map(|v| v.key_name.clone()),
+        "kms_key_version": v0.map(|v| v.key_version),
+        "derived_context": v0.map(|v| v.uses_context),
         "created": rfc3339_utc(h.created),
         "slot_count": h.slots.len(),
         "slots": slots,
@@ -101,19 +96,11 @@ pub fn run_info(config_path: &Path, args: InfoArgs) -> anyhow::Result<()> {
     println!("created:          {}", rfc3339_utc(h.created));
     println!("key slots:        {}", h.slots.len());
     for (i, s) in h.slots.iter().enumerate() {
-        println!(
-            "slot {i}:           {} key '{}' version {}{}",
-            s.kms_type.as_str(),
-            s.key_name,
-            s.key_version,
-            if s.uses_context {
-                " (derived, context = filesystem UUID)"
-            } else {
-                ""
-            }
-        );
+        println!("key slot:         {}", crate::slotkms::describe(i, s));
     }
-    println!("kms_key_version:  {}", slot0.key_version);
+    if let Some(v) = v0 {
+        println!("kms_key_version:  {}", v.key_version);
+    }
     match recorded {
         Some(k) => println!("key check value:  {k} (recorded on this host at create)"),
         None => println!("key check value:  not recorded on this host"),
@@ -126,9 +113,9 @@ pub fn run_info(config_path: &Path, args: InfoArgs) -> anyhow::Result<()> {
 pub fn run_unlock_check(config_path: &Path, args: UnlockCheckArgs) -> anyhow::Result<()> {
     let hdr = read_header(&args.cipherdir)?;
     let cfg = load_kms_config(config_path)?;
-    let client = client(&cfg)?;
+    let access = kms_access(&cfg)?;
     let rt = runtime()?;
-    rt.block_on(unlock(&client, &args.cipherdir, hdr))?;
+    rt.block_on(unlock(&access, &args.cipherdir, hdr))?;
     println!("ok");
     Ok(())
 }

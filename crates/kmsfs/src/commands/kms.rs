@@ -11,6 +11,8 @@ use crate::commands::{absolute, client, print_json, runtime};
 use crate::fsheader::read_header;
 use crate::kmsconfig::{load_kms_config_with_source, registry_path, ConfigSource};
 use crate::registry::Registry;
+use crate::slotkms::{self, Reach};
+use kmsfs_core::header::SlotKms;
 
 /// Arguments of `kmsfs kms`.
 #[derive(Debug, clap::Args)]
@@ -103,6 +105,10 @@ pub struct CheckArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// A planned raise of a key's `min_decryption_version` (`KEY=VERSION`,
+    /// repeatable): warn about every key slot it would cut off.
+    #[arg(long, value_name = "KEY=VERSION")]
+    pub planned_min_decryption_version: Vec<String>,
 }
 
 /// Runs a `kmsfs kms` subcommand.
@@ -346,6 +352,12 @@ impl Checks {
 
 /// Runs every check and returns them (no printing).
 pub fn collect_checks(config_path: &Path) -> Vec<Check> {
+    collect_checks_with(config_path, &Plans::new())
+}
+
+/// [`collect_checks`], also warning about the slots that planned
+/// `min_decryption_version` raises would cut off.
+pub fn collect_checks_with(config_path: &Path, plans: &Plans) -> Vec<Check> {
     let mut c = Checks::default();
     let (cfg, source) = match load_kms_config_with_source(config_path) {
         Ok(x) => x,
@@ -394,11 +406,17 @@ pub fn collect_checks(config_path: &Path) -> Vec<Check> {
             return c.0;
         }
     };
-    rt.block_on(async_checks(&cfg, &client, config_path, &mut c));
+    rt.block_on(async_checks(&cfg, &client, config_path, plans, &mut c));
     c.0
 }
 
-async fn async_checks(cfg: &KmsConfig, client: &VaultClient, config_path: &Path, c: &mut Checks) {
+async fn async_checks(
+    cfg: &KmsConfig,
+    client: &VaultClient,
+    config_path: &Path,
+    plans: &Plans,
+    c: &mut Checks,
+) {
     let addrs = cfg.addresses.join(", ");
     match client.seal_status().await {
         Ok(s) if s.sealed => {
@@ -537,10 +555,41 @@ async fn async_checks(cfg: &KmsConfig, client: &VaultClient, config_path: &Path,
         ),
         Err(e) => c.add(Status::Fail, "probe", e.to_string()),
     }
-    filesystem_checks(client, config_path, c).await;
+    filesystem_checks(cfg, client, config_path, plans, c).await;
 }
 
-async fn filesystem_checks(client: &VaultClient, config_path: &Path, c: &mut Checks) {
+/// Planned `min_decryption_version` raises: key name to version.
+pub type Plans = std::collections::BTreeMap<String, u32>;
+
+/// Parses `--planned-min-decryption-version KEY=N` values.
+pub fn parse_plans(values: &[String]) -> anyhow::Result<Plans> {
+    let mut plans = Plans::new();
+    for v in values {
+        let parsed = v
+            .split_once('=')
+            .and_then(|(k, n)| Some((k.trim(), n.trim().parse::<u32>().ok()?)))
+            .filter(|(k, n)| !k.is_empty() && *n > 0);
+        let Some((k, n)) = parsed else {
+            anyhow::bail!(
+                "--planned-min-decryption-version {v:?}: expected KEY=VERSION, e.g. kmsfs=3"
+            );
+        };
+        plans.insert(k.to_string(), n);
+    }
+    Ok(plans)
+}
+
+/// Per registered filesystem, per key slot on this KMS: can the slot still
+/// be opened (its key version not below the key's `min_decryption_version`),
+/// and would a planned raise cut it off? Slots of other KMSes are named and
+/// left to a check with that KMS's configuration.
+async fn filesystem_checks(
+    cfg: &KmsConfig,
+    client: &VaultClient,
+    config_path: &Path,
+    plans: &Plans,
+    c: &mut Checks,
+) {
     let reg_path = registry_path(config_path);
     let reg = match Registry::load(&reg_path) {
         Ok(r) => r,
@@ -559,60 +608,108 @@ async fn filesystem_checks(client: &VaultClient, config_path: &Path, c: &mut Che
                 continue;
             }
         };
-        for slot in &hdr.unverified().slots {
-            if !key_cache.contains_key(&slot.key_name) {
-                let k = client.read_key(&slot.key_name).await.ok();
-                key_cache.insert(slot.key_name.clone(), k);
+        let slots = &hdr.unverified().slots;
+        let dir = e.path.display();
+        // Slots on this KMS: an address in common; failing that (the
+        // configuration's addresses changed), the configured key's slots.
+        let reach: Vec<Reach> = slots.iter().map(|s| slotkms::reach(cfg, s)).collect();
+        let here = |r: &Reach| matches!(r, Reach::Exact | Reach::SameKms);
+        let fallback = !reach.iter().any(here);
+        let mine: Vec<usize> = (0..slots.len())
+            .filter(|&i| here(&reach[i]) || (fallback && reach[i] == Reach::SameKey))
+            .collect();
+        for (i, slot) in slots.iter().enumerate() {
+            let name = format!("{dir}: slot {i} '{}'", slot.label);
+            let v = match (&slot.kms, mine.contains(&i)) {
+                (SlotKms::Vault(v), true) => v,
+                _ => {
+                    c.add(
+                        Status::Ok,
+                        "filesystem",
+                        format!(
+                            "{name}: {} at {}, not this KMS: check it with that KMS's configuration",
+                            slot.kms_type().as_str(),
+                            slot.addresses().join(", ")
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let others: Vec<String> = (0..slots.len())
+                .filter(|&j| j != i)
+                .map(|j| format!("{j} '{}'", slots[j].label))
+                .collect();
+            let rest = if others.is_empty() {
+                " (its only slot: the filesystem is LOST until this is fixed)".to_string()
+            } else {
+                format!(" (other slots: {})", others.join(", "))
+            };
+            if !key_cache.contains_key(&v.key_name) {
+                let k = client.read_key(&v.key_name).await.ok();
+                key_cache.insert(v.key_name.clone(), k);
             }
-            let Some(Some(info)) = key_cache.get(&slot.key_name) else {
+            let Some(Some(info)) = key_cache.get(&v.key_name) else {
                 c.add(
                     Status::Warn,
                     "filesystem",
-                    format!(
-                        "{}: cannot read its KMS key '{}'",
-                        e.path.display(),
-                        slot.key_name
-                    ),
+                    format!("{name}: cannot read its KMS key '{}'", v.key_name),
                 );
                 continue;
             };
-            if slot.key_version < info.min_decryption_version {
+            let rewrap = format!("kmsfs rewrap {dir} --slot {}", slot.label);
+            if v.key_version < info.min_decryption_version {
                 c.add(
                     Status::Warn,
                     "filesystem",
                     format!(
-                        "{}: wrapped with key '{}' version {} but min_decryption_version is {}: it CANNOT be unlocked; lower min_decryption_version to {} and run `kmsfs rewrap`",
-                        e.path.display(),
-                        slot.key_name,
-                        slot.key_version,
-                        info.min_decryption_version,
-                        slot.key_version
+                        "{name}: wrapped with key '{}' version {} but min_decryption_version is {}: this slot CANNOT be opened{rest}; lower min_decryption_version to {}, run `{rewrap}`, then raise it again",
+                        v.key_name, v.key_version, info.min_decryption_version, v.key_version
                     ),
                 );
-            } else if slot.key_version < info.latest_version {
+                continue;
+            }
+            if let Some(&planned) = plans.get(&v.key_name) {
+                if v.key_version < planned {
+                    c.add(
+                        Status::Warn,
+                        "filesystem",
+                        format!(
+                            "{name}: wrapped with key '{}' version {}: the planned min_decryption_version {planned} would cut it off{rest}; run `{rewrap}` first",
+                            v.key_name, v.key_version
+                        ),
+                    );
+                    continue;
+                }
+            }
+            if v.key_version < info.latest_version {
                 c.add(
                     Status::Ok,
                     "filesystem",
                     format!(
-                        "{}: key '{}' version {} (latest {}; `kmsfs rewrap` moves it)",
-                        e.path.display(),
-                        slot.key_name,
-                        slot.key_version,
-                        info.latest_version
+                        "{name}: key '{}' version {} (latest {}; `{rewrap}` moves it)",
+                        v.key_name, v.key_version, info.latest_version
                     ),
                 );
             } else {
                 c.add(
                     Status::Ok,
                     "filesystem",
-                    format!(
-                        "{}: key '{}' version {}",
-                        e.path.display(),
-                        slot.key_name,
-                        slot.key_version
-                    ),
+                    format!("{name}: key '{}' version {}", v.key_name, v.key_version),
                 );
             }
+        }
+    }
+    for (key, n) in plans {
+        match key_cache.get(key) {
+            Some(Some(info)) if *n > info.latest_version => c.add(
+                Status::Warn,
+                "plan",
+                format!(
+                    "planned min_decryption_version {n} for key '{key}' is above its latest version {}",
+                    info.latest_version
+                ),
+            ),
+            _ => {}
         }
     }
 }
@@ -628,7 +725,8 @@ fn human_secs(s: u64) -> String {
 }
 
 fn run_check(config_path: &Path, a: CheckArgs) -> anyhow::Result<()> {
-    let checks = collect_checks(config_path);
+    let plans = parse_plans(&a.planned_min_decryption_version)?;
+    let checks = collect_checks_with(config_path, &plans);
     let fails = checks.iter().filter(|c| c.status == Status::Fail).count();
     let warns = checks.iter().filter(|c| c.status == Status::Warn).count();
     if a.json {

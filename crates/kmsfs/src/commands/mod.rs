@@ -15,6 +15,7 @@ pub mod info;
 pub mod kms;
 pub mod list;
 pub mod rewrap;
+pub mod slot;
 
 pub use create::{run_create, CreateArgs};
 pub use fsck::{run_fsck, FsckArgs};
@@ -22,6 +23,7 @@ pub use info::{run_info, run_unlock_check, InfoArgs, UnlockCheckArgs};
 pub use kms::{run_kms, KmsArgs, KmsCommand};
 pub use list::{run_list, ListArgs};
 pub use rewrap::{run_rewrap, RewrapArgs};
+pub use slot::{run_slot, SlotArgs};
 
 /// A single-threaded tokio runtime for commands that talk to the KMS.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -34,6 +36,17 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Builds a KMS client (reads the token file; no network yet).
 pub fn client(cfg: &KmsConfig) -> anyhow::Result<VaultClient> {
     VaultClient::new(cfg).with_context(|| {
+        format!(
+            "cannot set up the KMS client for {}",
+            cfg.addresses.join(", ")
+        )
+    })
+}
+
+/// The configured KMS, with clients for the key slots it reaches (reads
+/// the token file; no network yet).
+pub fn kms_access(cfg: &KmsConfig) -> anyhow::Result<crate::slotkms::KmsAccess> {
+    crate::slotkms::KmsAccess::new(cfg).with_context(|| {
         format!(
             "cannot set up the KMS client for {}",
             cfg.addresses.join(", ")

@@ -4,17 +4,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kmsfs_core::header::{Header, UnverifiedHeader};
+use kmsfs_core::header::{Header, SlotKms, UnverifiedHeader, VaultSlot};
 use kmsfs_core::keys::{FsKeys, MasterKey};
-use kmsfs_keystore::VaultClient;
 
-use crate::commands::{absolute, client, runtime};
-use crate::fsheader::{
-    header_path, read_header_bytes, slot_context, unlock, write_header, HEADER_BACKUP_NAME,
-    HEADER_MODE,
-};
+use crate::commands::{absolute, kms_access, runtime};
+use crate::fsheader::{read_header_bytes, slot_context, unlock, unwrap_slot, Unlocked};
+use crate::header_update::{replace_header, HeaderLock};
 use crate::kmsconfig::{load_kms_config, registry_path};
 use crate::registry::Registry;
+use crate::slotkms::KmsAccess;
 
 /// Arguments of `kmsfs rewrap`.
 #[derive(Debug, clap::Args)]
@@ -29,39 +27,123 @@ pub struct RewrapArgs {
     /// current one (the key must exist).
     #[arg(long, value_name = "NAME")]
     pub new_key: Option<String>,
+    /// Rewrap only this slot (label or index); default: every slot the
+    /// configured KMS opens.
+    #[arg(long, value_name = "LABEL|INDEX")]
+    pub slot: Option<String>,
 }
 
-/// What happened to one filesystem.
+/// What happened to one key slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RewrapOutcome {
-    /// Key name and version before.
-    pub old: (String, u32),
-    /// Key name and version after.
-    pub new: (String, u32),
-    /// False when the slot was already at the newest version of the key.
-    pub changed: bool,
+pub enum SlotOutcome {
+    /// Rewrapped: key name and version before and after.
+    Rewrapped {
+        /// Key name and version before.
+        old: (String, u32),
+        /// Key name and version after.
+        new: (String, u32),
+    },
+    /// Already at the newest version of its key: left as it was.
+    Current((String, u32)),
+    /// This configuration's KMS cannot open the slot (it belongs to another
+    /// KMS, or the KMS refused it): left as it was.
+    NotReached(String),
+    /// The KMS opened the slot but rewrapping it failed: left as it was.
+    Failed(String),
 }
 
-/// Rewraps slot 0 of the filesystem in `dir` (other slots, for another KMS,
-/// are kept as they are). The header on disk is replaced only after the
-/// new wrapped key has been unwrapped again and shown to authenticate the
-/// new header; a backup (`kmsfs.header.bak`) exists while it is replaced.
-pub async fn rewrap_one(
-    client: &VaultClient,
-    dir: &Path,
-    new_key: Option<&str>,
-) -> anyhow::Result<RewrapOutcome> {
-    let (old_bytes, hdr): (Vec<u8>, UnverifiedHeader) = read_header_bytes(dir)?;
-    // Authenticate the current header first: never rewrap a forged one.
-    let (header, keys, master): (Header, FsKeys, MasterKey) = unlock(client, dir, hdr).await?;
-    let uuid = header.uuid;
-    let slot = header
+/// One slot's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotReport {
+    /// Index in the header.
+    pub index: usize,
+    /// The slot's label.
+    pub label: String,
+    /// What happened.
+    pub outcome: SlotOutcome,
+}
+
+impl SlotReport {
+    /// One line, as `rewrap` prints it after the directory.
+    pub fn line(&self) -> String {
+        let head = format!("slot {} '{}'", self.index, self.label);
+        match &self.outcome {
+            SlotOutcome::Rewrapped { old, new } => {
+                format!("{head}: {} v{} -> {} v{}", old.0, old.1, new.0, new.1)
+            }
+            SlotOutcome::Current((k, v)) => {
+                format!("{head}: {k} v{v} -> {k} v{v} (already the newest version, unchanged)")
+            }
+            SlotOutcome::NotReached(why) => {
+                format!("{head}: not reached by this KMS configuration, unchanged ({why})")
+            }
+            SlotOutcome::Failed(why) => format!("{head}: FAILED: {why}"),
+        }
+    }
+}
+
+/// Picks a slot by label or index (`LABEL|INDEX` on the command line).
+pub fn select_slot(header: &Header, which: &str, dir: &Path) -> anyhow::Result<usize> {
+    if let Ok(i) = which.parse::<usize>() {
+        if i < header.slots.len() {
+            return Ok(i);
+        }
+        anyhow::bail!(
+            "{}: no key slot {i} (the header has {} slot(s), 0..{})",
+            dir.display(),
+            header.slots.len(),
+            header.slots.len() - 1
+        );
+    }
+    header
         .slots
-        .first()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("{}: no key slot", header_path(dir).display()))?;
-    let old = (slot.key_name.clone(), slot.key_version);
-    let from_ctx = slot_context(slot.uses_context, &uuid);
+        .iter()
+        .position(|s| s.label == which)
+        .ok_or_else(|| {
+            let labels: Vec<&str> = header.slots.iter().map(|s| s.label.as_str()).collect();
+            anyhow::anyhow!(
+                "{}: no key slot labelled '{which}' (labels: {})",
+                dir.display(),
+                labels.join(", ")
+            )
+        })
+}
+
+/// Which slots of `header` this configuration opens: for each slot, `Ok`
+/// when the KMS unwraps it to `master`, else why not. The slot that
+/// unlocked the header (`opened`) is not asked again.
+pub async fn probe_slots(
+    access: &KmsAccess,
+    header: &Header,
+    master: &MasterKey,
+    opened: usize,
+) -> Vec<Result<(), String>> {
+    let mut out = Vec::with_capacity(header.slots.len());
+    for (i, slot) in header.slots.iter().enumerate() {
+        if i == opened {
+            out.push(Ok(()));
+            continue;
+        }
+        out.push(match unwrap_slot(access, slot, &header.uuid).await {
+            Ok(m) if &m == master => Ok(()),
+            Ok(_) => Err("it unwraps to another key".into()),
+            Err(f) => Err(f.to_string()),
+        });
+    }
+    out
+}
+
+/// Rewraps one reachable Transit slot; returns the new slot (or `None` when
+/// it is current) and the key the new wrapping unwraps to.
+async fn rewrap_slot(
+    access: &KmsAccess,
+    slot: &VaultSlot,
+    uuid: &[u8; 16],
+    master: &MasterKey,
+    new_key: Option<&str>,
+) -> anyhow::Result<Option<VaultSlot>> {
+    let client = access.client_for_slot(slot)?;
+    let from_ctx = slot_context(slot.uses_context, uuid);
     let to_name = new_key.unwrap_or(&slot.key_name).to_string();
     let same_key = to_name == slot.key_name;
     let to_info = client
@@ -69,18 +151,14 @@ pub async fn rewrap_one(
         .await
         .with_context(|| format!("reading KMS key '{to_name}'"))?;
     if same_key && slot.key_version >= to_info.latest_version {
-        return Ok(RewrapOutcome {
-            old: old.clone(),
-            new: old,
-            changed: false,
-        });
+        return Ok(None);
     }
     let to_derived = if same_key {
         slot.uses_context
     } else {
         to_info.derived
     };
-    let to_ctx = slot_context(to_derived, &uuid);
+    let to_ctx = slot_context(to_derived, uuid);
     let wrapped = if same_key {
         client
             .rewrap(&slot.key_name, &slot.wrapped_key, from_ctx, None)
@@ -96,80 +174,104 @@ pub async fn rewrap_one(
             )
             .await
     }
-    .with_context(|| format!("KMS rewrap of {} to key '{to_name}' failed", dir.display()))?;
-
-    // Prove the new wrapped key before writing anything.
+    .with_context(|| format!("KMS rewrap to key '{to_name}' failed"))?;
+    // Prove the new wrapped key before relying on it.
     let back = client
         .unwrap(&to_name, &wrapped.ciphertext, to_ctx)
         .await
-        .with_context(|| {
-            format!(
-                "the KMS cannot unwrap the rewrapped key for {}; header left unchanged",
-                dir.display()
-            )
-        })?;
+        .context("the KMS cannot unwrap the rewrapped key")?;
     let back = MasterKey::from_secret(back)
-        .map_err(|e| anyhow::anyhow!("rewrapped key for {} is invalid: {e}", dir.display()))?;
-    if back != master {
-        anyhow::bail!(
-            "the rewrapped key for {} does not unwrap to the filesystem's master key; header left unchanged",
-            dir.display()
-        );
+        .map_err(|e| anyhow::anyhow!("the rewrapped key is invalid: {e}"))?;
+    if &back != master {
+        anyhow::bail!("the rewrapped key does not unwrap to the filesystem's master key");
     }
-    let mut new_header = header.clone();
-    new_header.slots[0].key_name = to_name.clone();
-    new_header.slots[0].key_version = wrapped.key_version;
-    new_header.slots[0].wrapped_key = wrapped.ciphertext;
-    new_header.slots[0].uses_context = to_derived;
-    let new_bytes = new_header
-        .encode(&keys)
-        .with_context(|| format!("cannot encode the new header for {}", dir.display()))?;
-    let proof_keys = FsKeys::derive(&back, &uuid);
-    let verified = UnverifiedHeader::parse(&new_bytes)
-        .and_then(|h| h.verify(&proof_keys))
-        .with_context(|| format!("the new header for {} does not verify", dir.display()))?;
-    if verified != new_header {
-        anyhow::bail!("the new header for {} does not round-trip", dir.display());
-    }
+    Ok(Some(VaultSlot {
+        key_name: to_name,
+        key_version: wrapped.key_version,
+        wrapped_key: wrapped.ciphertext,
+        uses_context: to_derived,
+        ..slot.clone()
+    }))
+}
 
-    // Backup, replace, re-read and verify, drop the backup.
-    let backup = dir.join(HEADER_BACKUP_NAME);
-    kmsfs_keystore::write_atomic(&backup, &old_bytes, HEADER_MODE)
-        .with_context(|| format!("cannot write backup {}", backup.display()))?;
-    write_header(dir, &new_bytes)?;
-    let reread = read_header_bytes(dir).and_then(|(bytes, h)| {
-        let h = h
-            .verify(&proof_keys)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", header_path(dir).display()))?;
-        if bytes != new_bytes || h != new_header {
+/// Rewraps every slot of the filesystem in `dir` that this configuration's
+/// KMS opens (or only `only`, a label or index), and reports each slot.
+/// Slots of other KMSes are left as they are. The header on disk is
+/// replaced once, after every new wrapping has been unwrapped again and the
+/// new header shown to authenticate; a backup (`kmsfs.header.bak`) exists
+/// while it is replaced. Fails when the header cannot be unlocked or
+/// written; per-slot failures are in the report.
+pub async fn rewrap_one(
+    access: &KmsAccess,
+    dir: &Path,
+    new_key: Option<&str>,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<SlotReport>> {
+    let lock = HeaderLock::acquire(dir)?;
+    let (old_bytes, hdr): (Vec<u8>, UnverifiedHeader) = read_header_bytes(dir)?;
+    // Authenticate the current header first: never rewrap a forged one.
+    let Unlocked {
+        header,
+        keys,
+        master,
+        slot: opened,
+    } = unlock(access, dir, hdr).await?;
+    let selected: Vec<usize> = match only {
+        Some(which) => vec![select_slot(&header, which, dir)?],
+        None => (0..header.slots.len()).collect(),
+    };
+    let reach = probe_slots(access, &header, &master, opened).await;
+    if new_key.is_some() {
+        let reached: Vec<String> = selected
+            .iter()
+            .filter(|&&i| reach[i].is_ok())
+            .map(|&i| format!("{} '{}'", i, header.slots[i].label))
+            .collect();
+        if reached.len() > 1 {
             anyhow::bail!(
-                "{} does not read back as written",
-                header_path(dir).display()
+                "{}: --new-key would move {} slots ({}) to one key; pick one with --slot LABEL",
+                dir.display(),
+                reached.len(),
+                reached.join(", ")
             );
         }
-        Ok(())
-    });
-    if let Err(e) = reread {
-        // Put the previous (valid) header back.
-        write_header(dir, &old_bytes).with_context(|| {
-            format!(
-                "{e:#}; restoring the previous header also failed: it is in {}",
-                backup.display()
-            )
-        })?;
-        let _ = std::fs::remove_file(&backup);
-        return Err(e.context(format!(
-            "the new header for {} did not verify after writing; previous header restored",
-            dir.display()
-        )));
     }
-    std::fs::remove_file(&backup)
-        .with_context(|| format!("rewrap done but cannot remove {}", backup.display()))?;
-    Ok(RewrapOutcome {
-        old,
-        new: (to_name, wrapped.key_version),
-        changed: true,
-    })
+    let mut new_header = header.clone();
+    let mut reports = Vec::new();
+    let mut changed = false;
+    for &i in &selected {
+        let slot = &header.slots[i];
+        let outcome = match (&slot.kms, &reach[i]) {
+            (_, Err(why)) => SlotOutcome::NotReached(why.clone()),
+            (SlotKms::Kmip(_), Ok(())) => SlotOutcome::NotReached("a kmip slot".into()),
+            (SlotKms::Vault(v), Ok(())) => {
+                match rewrap_slot(access, v, &header.uuid, &master, new_key).await {
+                    Ok(Some(nv)) => {
+                        let o = SlotOutcome::Rewrapped {
+                            old: (v.key_name.clone(), v.key_version),
+                            new: (nv.key_name.clone(), nv.key_version),
+                        };
+                        new_header.slots[i].kms = SlotKms::Vault(nv);
+                        changed = true;
+                        o
+                    }
+                    Ok(None) => SlotOutcome::Current((v.key_name.clone(), v.key_version)),
+                    Err(e) => SlotOutcome::Failed(format!("{e:#}")),
+                }
+            }
+        };
+        reports.push(SlotReport {
+            index: i,
+            label: slot.label.clone(),
+            outcome,
+        });
+    }
+    if changed {
+        // Every new wrapping was shown above to unwrap to `master`.
+        let proof_keys = FsKeys::derive(&master, &header.uuid);
+        replace_header(&lock, dir, &old_bytes, &new_header, &keys, &proof_keys)?;
+    }
+    Ok(reports)
 }
 
 /// Rewraps the given (or all registered) filesystems, continuing past
@@ -186,7 +288,7 @@ pub fn run_rewrap(config_path: &Path, args: RewrapArgs) -> anyhow::Result<()> {
         args.cipherdirs.clone()
     };
     let cfg = load_kms_config(config_path)?;
-    let client = client(&cfg)?;
+    let access = kms_access(&cfg)?;
     let rt = runtime()?;
     let bar = (dirs.len() > 3).then(|| {
         let b = indicatif::ProgressBar::with_draw_target(
@@ -207,23 +309,26 @@ pub fn run_rewrap(config_path: &Path, args: RewrapArgs) -> anyhow::Result<()> {
         if let Some(b) = &bar {
             b.set_message(shown.display().to_string());
         }
-        match rt.block_on(rewrap_one(&client, dir, args.new_key.as_deref())) {
-            Ok(o) if o.changed => lines.push(format!(
-                "{}: {} v{} -> {} v{}",
-                shown.display(),
-                o.old.0,
-                o.old.1,
-                o.new.0,
-                o.new.1
-            )),
-            Ok(o) => lines.push(format!(
-                "{}: {} v{} -> {} v{} (already the newest version, unchanged)",
-                shown.display(),
-                o.old.0,
-                o.old.1,
-                o.new.0,
-                o.new.1
-            )),
+        match rt.block_on(rewrap_one(
+            &access,
+            dir,
+            args.new_key.as_deref(),
+            args.slot.as_deref(),
+        )) {
+            Ok(reports) => {
+                let failed = reports
+                    .iter()
+                    .any(|r| matches!(r.outcome, SlotOutcome::Failed(_)));
+                let reached = reports
+                    .iter()
+                    .any(|r| !matches!(r.outcome, SlotOutcome::NotReached(_)));
+                if failed || !reached {
+                    failures += 1;
+                }
+                for r in &reports {
+                    lines.push(format!("{}: {}", shown.display(), r.line()));
+                }
+            }
             Err(e) => {
                 failures += 1;
                 lines.push(format!("{}: FAILED: {e:#}", shown.display()));
@@ -241,7 +346,7 @@ pub fn run_rewrap(config_path: &Path, args: RewrapArgs) -> anyhow::Result<()> {
     }
     if failures > 0 {
         anyhow::bail!(
-            "rewrap failed for {failures} of {} filesystem(s); their headers are unchanged",
+            "rewrap failed for {failures} of {} filesystem(s); the slots marked FAILED or not reached are unchanged",
             dirs.len()
         );
     }

@@ -20,7 +20,7 @@ use std::sync::{mpsc, Mutex};
 use anyhow::Context as _;
 use kmsfs_core::keys::FsKeys;
 
-use crate::commands::{absolute, client, print_json, runtime};
+use crate::commands::{absolute, kms_access, print_json, runtime};
 use crate::fsheader::unlock;
 use crate::kmsconfig::load_kms_config;
 use report::{operational_json, Report, EXIT_CLEAN, EXIT_OPERATIONAL};
@@ -82,9 +82,10 @@ fn check(config_path: &Path, args: &FsckArgs) -> anyhow::Result<Report> {
         .with_context(|| format!("cannot open the backing directory {}", cipherdir.display()))?;
     let (_, hdr) = crate::fsheader::read_header_at(root.as_fd(), &cipherdir)?;
     let cfg = load_kms_config(config_path)?;
-    let client = client(&cfg)?;
-    let (_header, keys, master) = runtime()?.block_on(unlock(&client, &cipherdir, hdr))?;
-    drop(master);
+    let access = kms_access(&cfg)?;
+    let unlocked = runtime()?.block_on(unlock(&access, &cipherdir, hdr))?;
+    let keys = unlocked.keys;
+    drop(unlocked.master);
     check_tree(&keys, &root, &cipherdir, args.repair)
 }
 
