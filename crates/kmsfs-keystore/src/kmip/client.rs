@@ -323,12 +323,14 @@ async fn wrap_on(
         (KmipCipher::Cbc, _) | (KmipCipher::Auto, false) => &[CipherMode::Cbc],
         (KmipCipher::Auto, true) => &[CipherMode::Gcm, CipherMode::Cbc],
         (KmipCipher::Gcm, true) => &[CipherMode::Gcm],
-        (KmipCipher::Gcm, false) => return Err(Failure::Fatal(KmsError::Config {
-            detail: format!(
+        (KmipCipher::Gcm, false) => {
+            return Err(Failure::Fatal(KmsError::Config {
+                detail: format!(
                 "cipher \"gcm\" needs KMIP 1.4, but {} speaks {}; use cipher \"auto\" or \"cbc\"",
                 s.address, s.version
             ),
-        })),
+            }))
+        }
     };
     let mut last = None;
     for &mode in modes {
