@@ -126,7 +126,13 @@ impl Pki {
 
     /// A leaf certificate with common name `cn` for 127.0.0.1, valid for `days`.
     pub fn issue(&self, cn: &str, days: u32) -> Result<CertPair> {
-        let stem = format!("{}-{cn}", self.name);
+        self.issue_as(cn, cn, days)
+    }
+
+    /// Like [`Pki::issue`], into files named after `file` (so a second
+    /// certificate for the same common name does not replace the first).
+    pub fn issue_as(&self, file: &str, cn: &str, days: u32) -> Result<CertPair> {
+        let stem = format!("{}-{file}", self.name);
         let key = new_key(&self.dir, &format!("{stem}.key"))?;
         let csr = self.dir.join(format!("{stem}.csr"));
         let cert = self.dir.join(format!("{stem}.pem"));

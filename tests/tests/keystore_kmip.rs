@@ -246,3 +246,39 @@ async fn server_down_then_up_and_failover() {
     let c2 = KmipClient::new(&two).unwrap();
     assert_eq!(c2.unwrap(&uid, &w.blob, None).await.unwrap(), key);
 }
+
+#[test]
+fn certificate_expiry_matches_openssl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "exp", 400).unwrap();
+    let leaf = pki.issue("soon", 10).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for (path, _) in [(&pki.ca_cert, 400), (&leaf.cert, 10)] {
+        let dates = kmsfs_keystore::kmip::cert::expiry_dates(path, "certificate").unwrap();
+        assert_eq!(dates.len(), 1);
+        let left = dates[0] - now;
+        // openssl agrees to the minute: valid 60 s before our date, not 60 s after.
+        let checkend = |secs: i64| {
+            std::process::Command::new("openssl")
+                .args(["x509", "-noout", "-checkend", &secs.to_string(), "-in"])
+                .arg(path)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(
+            checkend(left - 60),
+            "{} expires earlier than parsed",
+            path.display()
+        );
+        assert!(
+            !checkend(left + 60),
+            "{} expires later than parsed",
+            path.display()
+        );
+    }
+}

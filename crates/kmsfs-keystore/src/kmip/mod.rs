@@ -6,6 +6,7 @@
 //!   Locate, Get Attributes, Encrypt and Decrypt;
 //! * [`conn`]: mutual TLS (rustls, TLS 1.2 or 1.3) and one request/reply
 //!   exchange, in locked memory;
+//! * [`cert`]: certificate expiry dates for `kms check`;
 //! * [`blob`]: the wrapped-key string, `kmip:v1:gcm:...` or `kmip:v1:cbc:...`;
 //! * [`client`]: [`KmipClient`], with failover across `HOST:PORT`
 //!   addresses under one deadline per operation.
@@ -66,6 +67,7 @@
 //! [`SecretBytes`]: kmsfs_core::secret::SecretBytes
 
 pub mod blob;
+pub mod cert;
 pub mod client;
 pub mod conn;
 pub mod message;
