@@ -35,8 +35,8 @@ pub struct WrappedMasterKey {
 /// A client for the configured KMS.
 #[derive(Debug)]
 pub enum KmsClient {
-    /// HashiCorp Vault / OpenBao Transit.
-    Vault(VaultClient),
+    /// HashiCorp Vault / OpenBao Transit (boxed: it is much larger).
+    Vault(Box<VaultClient>),
     /// A KMIP server.
     Kmip(KmipClient),
 }
@@ -46,7 +46,7 @@ impl KmsClient {
     /// token, certificate and key files; no network access).
     pub fn new(config: &KmsConfig) -> Result<Self> {
         Ok(match config.kind {
-            KmsKind::Vault => KmsClient::Vault(VaultClient::new(config)?),
+            KmsKind::Vault => KmsClient::Vault(Box::new(VaultClient::new(config)?)),
             KmsKind::Kmip => KmsClient::Kmip(KmipClient::new(config)?),
         })
     }
