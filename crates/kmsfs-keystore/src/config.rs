@@ -633,6 +633,81 @@ auth = { method = "approle", role_id = "rid", secret_id_file = "/etc/sid" }
         assert!(e.contains("/nonexistent/kms.toml"), "{e}");
     }
 
+    const KMIP: &str = r#"
+type = "kmip"
+addresses = ["kmip-1:5696", "[::1]:5696"]
+key_name = "name:kmsfs"
+ca_cert = "/etc/kmsfs/ca.pem"
+client_cert = "/etc/kmsfs/client.pem"
+client_key = "/etc/kmsfs/client.key"
+"#;
+
+    #[test]
+    fn kmip_parses_and_saves_without_vault_settings() {
+        let c = KmsConfig::parse(KMIP, "k.toml").unwrap();
+        assert_eq!(c.kind, KmsKind::Kmip);
+        assert_eq!(c.timeout_secs, 10);
+        assert_eq!(c.cipher, None);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kms.toml");
+        c.save(&p).unwrap();
+        let text = fs::read_to_string(&p).unwrap();
+        for vault_only in VAULT_ONLY {
+            assert!(!text.contains(vault_only), "{vault_only} in\n{text}");
+        }
+        assert_eq!(KmsConfig::load(&p).unwrap(), c);
+        let mut cbc = c.clone();
+        cbc.cipher = Some(KmipCipher::Cbc);
+        cbc.save(&p).unwrap();
+        assert!(fs::read_to_string(&p).unwrap().contains("cipher = \"cbc\""));
+        assert_eq!(KmsConfig::load(&p).unwrap(), cbc);
+    }
+
+    #[test]
+    fn kmip_validation_is_strict() {
+        let with = |from: &str, to: &str| KMIP.replace(from, to);
+        let cases = [
+            (
+                format!("{KMIP}auth = {{ method = \"token\" }}\n"),
+                "`auth` is a Vault setting",
+            ),
+            (
+                format!("{KMIP}transit_path = \"t\"\n"),
+                "`transit_path` is a Vault setting",
+            ),
+            (format!("{KMIP}cipher = \"ecb\"\n"), "unknown variant `ecb`"),
+            (
+                with("kmip-1:5696", "https://kmip-1:5696"),
+                "without a scheme",
+            ),
+            (with("kmip-1:5696", "kmip-1"), "HOST:PORT"),
+            (with("[::1]:5696", "::1:5696"), "brackets"),
+            (with("name:kmsfs", "name:"), "empty name"),
+            (with("name:kmsfs", ""), "invalid KMIP key"),
+            (
+                with("client_key = \"/etc/kmsfs/client.key\"\n", ""),
+                "`client_key` is required",
+            ),
+            (
+                with("ca_cert = \"/etc/kmsfs/ca.pem\"\n", ""),
+                "`ca_cert` is required",
+            ),
+            (format!("{KMIP}timeout_secs = 0\n"), "timeout_secs"),
+        ];
+        for (text, want) in cases {
+            let e = KmsConfig::parse(&text, "k.toml").unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("k.toml"), "{want}: {e}");
+        }
+        // A Vault configuration takes no `cipher` and still needs `auth`.
+        let e = KmsConfig::parse(&format!("{GOOD}cipher = \"gcm\"\n"), "v.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KMIP setting"), "{e}");
+        let no_auth = "type = \"vault\"\naddresses = [\"https://a\"]\nkey_name = \"k\"\n";
+        let e = KmsConfig::parse(no_auth, "v.toml").unwrap_err().to_string();
+        assert!(e.contains("missing `auth`"), "{e}");
+    }
+
     #[test]
     fn from_env() {
         assert!(KmsConfig::from_env_with(|_| None).is_none());
