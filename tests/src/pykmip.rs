@@ -14,6 +14,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -266,7 +267,11 @@ impl PykmipServer {
         let conf = self.write_config()?;
         let d = self.dir.path();
         let out = fs::File::create(d.join("stdout.log"))?;
+        // Its own process group: `pykmip-server` may be a wrapper script
+        // (pyenv shim) whose Python child outlives a kill of the wrapper
+        // alone, so the whole group is killed on stop.
         let child = Command::new("pykmip-server")
+            .process_group(0)
             .arg("-f")
             .arg(&conf)
             .arg("-l")
@@ -318,6 +323,14 @@ impl PykmipServer {
 
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if let Ok(pgid) = i32::try_from(c.id()) {
+                // SAFETY: kill(2) with a negative PID signals the process
+                // group this child leads (made by `process_group(0)`); it
+                // touches no memory.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
