@@ -276,10 +276,29 @@ fn unknown_kms_type_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("kms.toml");
     let r = Kmsfs::new(&cfg)
-        .run(["kms", "set", "kmip", "https://kms:5696", "k", "--no-verify"])
+        .run([
+            "kms",
+            "set",
+            "aws-kms",
+            "https://kms:5696",
+            "k",
+            "--no-verify",
+        ])
         .failed();
     assert!(
-        r.stderr.contains("unsupported KMS type 'kmip'") && r.stderr.contains("vault"),
+        r.stderr.contains("unsupported KMS type 'aws-kms'")
+            && r.stderr.contains("vault")
+            && r.stderr.contains("kmip"),
+        "{}",
+        r.stderr
+    );
+    assert!(!cfg.exists());
+    // KMIP without its certificates: a clear error even with --no-verify.
+    let r = Kmsfs::new(&cfg)
+        .run(["kms", "set", "kmip", "kms:5696", "k", "--no-verify"])
+        .failed();
+    assert!(
+        r.stderr.contains("--ca-cert FILE is required"),
         "{}",
         r.stderr
     );

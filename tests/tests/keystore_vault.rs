@@ -663,3 +663,33 @@ async fn an_expired_token_is_reported_as_expired() {
     assert!(matches!(err, KmsError::TokenExpired { .. }), "{err:?}");
     assert!(!err.to_string().contains(&token), "{err}");
 }
+
+/// The backend-neutral `KmsClient` over Vault: wrap, unwrap, and the
+/// context bound only when the Transit key is derived.
+#[tokio::test]
+async fn kms_client_wraps_master_keys_with_vault() {
+    use kmsfs_core::keys::MasterKey;
+    use kmsfs_keystore::{KmsClient, KmsKind};
+    let server = BaoServer::start().await.unwrap();
+    server.create_key("plain", false).await.unwrap();
+    server.create_key("derived", true).await.unwrap();
+    let tf = write_token_file(server.dir(), "root-token", kmsfs_e2e::bao::ROOT_TOKEN).unwrap();
+    let master = MasterKey::generate().unwrap();
+    let ctx = [7u8; 16];
+    for (key, derived) in [("plain", false), ("derived", true)] {
+        let kms = KmsClient::new(&token_config(vec![server.addr().into()], key, &tf)).unwrap();
+        assert_eq!(kms.kind(), KmsKind::Vault);
+        let w = kms.wrap(&master, Some(&ctx)).await.unwrap();
+        assert_eq!(
+            (w.kind, w.key_id.as_str(), w.key_version),
+            (KmsKind::Vault, key, 1)
+        );
+        assert!(w.blob.starts_with("vault:v1:"), "{}", w.blob);
+        assert_eq!(w.uses_context, derived);
+        assert_eq!(kms.unwrap(&w, Some(&ctx)).await.unwrap(), master);
+        if derived {
+            let e = kms.unwrap(&w, Some(&[8u8; 16])).await.unwrap_err();
+            assert!(matches!(e, KmsError::CiphertextRejected { .. }), "{e:?}");
+        }
+    }
+}

@@ -11,8 +11,25 @@
 //! auth = { method = "approle", role_id = "…", secret_id_file = "/etc/kmsfs/secret-id" }
 //! ```
 //!
-//! The configuration never holds a token or secret id, only the paths of the
-//! files holding them.
+//! A KMIP server (`type = "kmip"`) is configured with the same file:
+//!
+//! ```toml
+//! type = "kmip"
+//! addresses = ["kmip-1.corp:5696", "kmip-2.corp:5696"]   # HOST:PORT, tried in order
+//! key_name = "name:kmsfs"        # a Unique Identifier, or name:NAME (Locate)
+//! ca_cert = "/etc/kmsfs/kmip-ca.pem"
+//! client_cert = "/etc/kmsfs/kmip-client.pem"
+//! client_key = "/etc/kmsfs/kmip-client.key"   # mode 0600
+//! timeout_secs = 10              # one deadline per operation, all addresses
+//! cipher = "auto"                # auto (GCM with KMIP 1.4, else CBC), gcm or cbc
+//! ```
+//!
+//! Mutual TLS is a KMIP server's only authentication, so the three
+//! certificate settings are required and the Vault-only settings (`auth`,
+//! `transit_path`, `namespace`, `attempts`) are refused.
+//!
+//! The configuration never holds a token, secret id or private key, only
+//! the paths of the files holding them.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -26,13 +43,54 @@ use crate::secret_file::{open_protected, FileRole};
 /// Largest configuration file accepted (real ones are a few hundred bytes).
 const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
-/// The only supported KMS kind.
+/// The kind of KMS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KmsKind {
     /// HashiCorp Vault or OpenBao, Transit secrets engine.
     #[serde(rename = "vault")]
     Vault,
+    /// A KMIP server (KMIP 1.2 to 1.4 over mutual TLS).
+    #[serde(rename = "kmip")]
+    Kmip,
 }
+
+impl KmsKind {
+    /// The name used in the configuration's `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KmsKind::Vault => "vault",
+            KmsKind::Kmip => "kmip",
+        }
+    }
+}
+
+/// Which cipher mode a KMIP server is asked to wrap with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KmipCipher {
+    /// AES-GCM when the server speaks KMIP 1.4 and accepts it, else
+    /// AES-CBC with PKCS#5 padding.
+    #[default]
+    Auto,
+    /// AES-GCM only (KMIP 1.4); fail otherwise.
+    Gcm,
+    /// AES-CBC with PKCS#5 padding only.
+    Cbc,
+}
+
+impl KmipCipher {
+    /// The setting's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KmipCipher::Auto => "auto",
+            KmipCipher::Gcm => "gcm",
+            KmipCipher::Cbc => "cbc",
+        }
+    }
+}
+
+/// Settings that only a Vault configuration may have.
+const VAULT_ONLY: [&str; 4] = ["auth", "transit_path", "namespace", "attempts"];
 
 /// How to authenticate to Vault.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +116,9 @@ pub enum AuthConfig {
     },
 }
 
+fn default_auth() -> AuthConfig {
+    AuthConfig::Token { token_file: None }
+}
 fn default_approle_path() -> String {
     "approle".into()
 }
@@ -75,13 +136,15 @@ fn default_attempts() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KmsConfig {
-    /// KMS kind; only `"vault"`.
+    /// KMS kind: `"vault"` or `"kmip"`.
     #[serde(rename = "type")]
     pub kind: KmsKind,
-    /// Server addresses (`https://host:8200`), tried in order; the active
-    /// node of an HA cluster is picked by `sys/health`.
+    /// Server addresses, tried in order: for Vault `https://host:8200` (the
+    /// active node of an HA cluster is picked by `sys/health`), for KMIP
+    /// `HOST:PORT`.
     pub addresses: Vec<String>,
-    /// Name of the Transit key that wraps the filesystem master key.
+    /// The key that wraps the filesystem master key: for Vault the Transit
+    /// key name, for KMIP its Unique Identifier or `name:NAME`.
     pub key_name: String,
     /// Mount path of the Transit engine.
     #[serde(default = "default_transit_path")]
@@ -89,7 +152,9 @@ pub struct KmsConfig {
     /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Authentication method.
+    /// Authentication method (Vault only; required there, and refused in a
+    /// KMIP configuration, where mutual TLS authenticates).
+    #[serde(default = "default_auth")]
     pub auth: AuthConfig,
     /// PEM file of the CA that signed the server certificate; when absent,
     /// `VAULT_CACERT` / `BAO_CACERT` is used if set, else the built-in roots.
@@ -107,6 +172,9 @@ pub struct KmsConfig {
     /// How many times a request is tried (across nodes) before giving up.
     #[serde(default = "default_attempts")]
     pub attempts: u32,
+    /// KMIP only: the cipher mode to wrap with (default `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher: Option<KmipCipher>,
 }
 
 impl KmsConfig {
@@ -124,6 +192,25 @@ impl KmsConfig {
             client_key: None,
             timeout_secs: default_timeout_secs(),
             attempts: default_attempts(),
+            cipher: None,
+        }
+    }
+
+    /// A KMIP configuration: `addresses` are `HOST:PORT`, `key` a Unique
+    /// Identifier or `name:NAME`; mutual TLS with the three PEM files.
+    pub fn new_kmip(
+        addresses: Vec<String>,
+        key: impl Into<String>,
+        ca_cert: PathBuf,
+        client_cert: PathBuf,
+        client_key: PathBuf,
+    ) -> Self {
+        KmsConfig {
+            kind: KmsKind::Kmip,
+            ca_cert: Some(ca_cert),
+            client_cert: Some(client_cert),
+            client_key: Some(client_key),
+            ..Self::new(addresses, key, default_auth())
         }
     }
 
@@ -153,25 +240,56 @@ impl KmsConfig {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, origin, &e))?;
+        let line_of = |key: &str| {
+            text.lines()
+                .position(|l| {
+                    let l = l.trim_start();
+                    l.starts_with(key) && l[key.len()..].trim_start().starts_with('=')
+                })
+                .map(|i| format!(", line {}", i + 1))
+                .unwrap_or_default()
+        };
         match table.get("type") {
             None => {
                 return Err(KmsError::Config {
-                    detail: format!("{origin}: missing `type` (expected type = \"vault\")"),
+                    detail: format!(
+                        "{origin}: missing `type` (expected type = \"vault\" or type = \"kmip\")"
+                    ),
                 })
             }
-            Some(toml::Value::String(s)) if s == "vault" => {}
+            Some(toml::Value::String(s)) if s == "vault" => {
+                if !table.contains_key("auth") {
+                    return Err(KmsError::Config {
+                        detail: format!(
+                            "{origin}: missing `auth` (e.g. auth = {{ method = \"token\", token_file = \"/etc/kmsfs/token\" }})"
+                        ),
+                    });
+                }
+                if let Some(k) = ["cipher"].iter().find(|k| table.contains_key(**k)) {
+                    return Err(KmsError::Config {
+                        detail: format!(
+                            "{origin}{}: `{k}` is a KMIP setting; a Vault configuration does not take it",
+                            line_of(k)
+                        ),
+                    });
+                }
+            }
+            Some(toml::Value::String(s)) if s == "kmip" => {
+                if let Some(k) = VAULT_ONLY.iter().find(|k| table.contains_key(**k)) {
+                    return Err(KmsError::Config {
+                        detail: format!(
+                            "{origin}{}: `{k}` is a Vault setting; a KMIP configuration does not take it \
+                             (KMIP authenticates with the client certificate)",
+                            line_of(k)
+                        ),
+                    });
+                }
+            }
             Some(other) => {
-                let line = text
-                    .lines()
-                    .position(|l| {
-                        let l = l.trim_start();
-                        l.starts_with("type") && l[4..].trim_start().starts_with('=')
-                    })
-                    .map(|i| format!(", line {}", i + 1))
-                    .unwrap_or_default();
+                let line = line_of("type");
                 return Err(KmsError::Config {
                     detail: format!(
-                        "{origin}{line}: unsupported KMS type {other}; only \"vault\" (HashiCorp Vault / OpenBao Transit) is supported"
+                        "{origin}{line}: unsupported KMS type {other}; use \"vault\" (HashiCorp Vault / OpenBao Transit) or \"kmip\" (a KMIP server)"
                     ),
                 });
             }
@@ -191,6 +309,14 @@ impl KmsConfig {
     /// client certificate and key given together.
     pub fn validate(&self) -> Result<()> {
         let bad = |detail: String| Err(KmsError::Config { detail });
+        if self.kind == KmsKind::Kmip {
+            return self.validate_kmip();
+        }
+        if self.cipher.is_some() {
+            return bad(
+                "`cipher` is a KMIP setting; a Vault configuration does not take it".into(),
+            );
+        }
         if self.addresses.is_empty() {
             return bad("`addresses` is empty; give at least one https://host:port".into());
         }
@@ -227,9 +353,80 @@ impl KmsConfig {
         Ok(())
     }
 
+    /// The checks of a KMIP configuration: `HOST:PORT` addresses, a key,
+    /// all three certificate files, a positive timeout, no Vault settings.
+    fn validate_kmip(&self) -> Result<()> {
+        let bad = |detail: String| Err(KmsError::Config { detail });
+        if self.addresses.is_empty() {
+            return bad(
+                "`addresses` is empty; give at least one HOST:PORT of a KMIP server".into(),
+            );
+        }
+        for a in &self.addresses {
+            if a.contains("://") {
+                return bad(format!(
+                    "KMIP address '{a}' must be HOST:PORT, without a scheme (KMIP is not HTTP)"
+                ));
+            }
+            crate::kmip::split_address(a).map_err(|detail| KmsError::Config { detail })?;
+        }
+        let key = self.key_name.trim();
+        if key.is_empty() || key != self.key_name {
+            return bad(format!(
+                "invalid KMIP key '{}': give its Unique Identifier or name:NAME",
+                self.key_name
+            ));
+        }
+        if let Some(name) = key.strip_prefix("name:") {
+            if name.trim().is_empty() {
+                return bad("KMIP key 'name:' has an empty name".into());
+            }
+        }
+        for (field, value) in [
+            ("ca_cert", &self.ca_cert),
+            ("client_cert", &self.client_cert),
+            ("client_key", &self.client_key),
+        ] {
+            if value.is_none() {
+                return bad(format!(
+                    "`{field}` is required for a KMIP server: mutual TLS is how it authenticates kmsfs"
+                ));
+            }
+        }
+        if self.timeout_secs == 0 {
+            return bad("`timeout_secs` must be at least 1".into());
+        }
+        if self.namespace.is_some()
+            || self.transit_path != default_transit_path()
+            || self.attempts != default_attempts()
+            || self.auth != default_auth()
+        {
+            return bad(
+                "`auth`, `transit_path`, `namespace` and `attempts` are Vault settings; a KMIP \
+                 configuration does not take them"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The configuration as a TOML table, without the settings its kind
+    /// does not use (so a KMIP file has no Vault `auth`).
+    pub fn to_table(&self) -> Result<toml::Table> {
+        let mut table = toml::Table::try_from(self).map_err(|e| KmsError::Config {
+            detail: format!("cannot serialize configuration: {e}"),
+        })?;
+        if self.kind == KmsKind::Kmip {
+            for k in VAULT_ONLY {
+                table.remove(k);
+            }
+        }
+        Ok(table)
+    }
+
     /// Writes the configuration as TOML atomically with mode 0600.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string_pretty(self).map_err(|e| KmsError::Config {
+        let text = toml::to_string_pretty(&self.to_table()?).map_err(|e| KmsError::Config {
             detail: format!("cannot serialize configuration: {e}"),
         })?;
         write_atomic(path, text.as_bytes(), 0o600).map_err(|e| KmsError::Config {
@@ -434,6 +631,81 @@ auth = { method = "approle", role_id = "rid", secret_id_file = "/etc/sid" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/kms.toml"), "{e}");
+    }
+
+    const KMIP: &str = r#"
+type = "kmip"
+addresses = ["kmip-1:5696", "[::1]:5696"]
+key_name = "name:kmsfs"
+ca_cert = "/etc/kmsfs/ca.pem"
+client_cert = "/etc/kmsfs/client.pem"
+client_key = "/etc/kmsfs/client.key"
+"#;
+
+    #[test]
+    fn kmip_parses_and_saves_without_vault_settings() {
+        let c = KmsConfig::parse(KMIP, "k.toml").unwrap();
+        assert_eq!(c.kind, KmsKind::Kmip);
+        assert_eq!(c.timeout_secs, 10);
+        assert_eq!(c.cipher, None);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kms.toml");
+        c.save(&p).unwrap();
+        let text = fs::read_to_string(&p).unwrap();
+        for vault_only in VAULT_ONLY {
+            assert!(!text.contains(vault_only), "{vault_only} in\n{text}");
+        }
+        assert_eq!(KmsConfig::load(&p).unwrap(), c);
+        let mut cbc = c.clone();
+        cbc.cipher = Some(KmipCipher::Cbc);
+        cbc.save(&p).unwrap();
+        assert!(fs::read_to_string(&p).unwrap().contains("cipher = \"cbc\""));
+        assert_eq!(KmsConfig::load(&p).unwrap(), cbc);
+    }
+
+    #[test]
+    fn kmip_validation_is_strict() {
+        let with = |from: &str, to: &str| KMIP.replace(from, to);
+        let cases = [
+            (
+                format!("{KMIP}auth = {{ method = \"token\" }}\n"),
+                "`auth` is a Vault setting",
+            ),
+            (
+                format!("{KMIP}transit_path = \"t\"\n"),
+                "`transit_path` is a Vault setting",
+            ),
+            (format!("{KMIP}cipher = \"ecb\"\n"), "unknown variant `ecb`"),
+            (
+                with("kmip-1:5696", "https://kmip-1:5696"),
+                "without a scheme",
+            ),
+            (with("kmip-1:5696", "kmip-1"), "HOST:PORT"),
+            (with("[::1]:5696", "::1:5696"), "brackets"),
+            (with("name:kmsfs", "name:"), "empty name"),
+            (with("name:kmsfs", ""), "invalid KMIP key"),
+            (
+                with("client_key = \"/etc/kmsfs/client.key\"\n", ""),
+                "`client_key` is required",
+            ),
+            (
+                with("ca_cert = \"/etc/kmsfs/ca.pem\"\n", ""),
+                "`ca_cert` is required",
+            ),
+            (format!("{KMIP}timeout_secs = 0\n"), "timeout_secs"),
+        ];
+        for (text, want) in cases {
+            let e = KmsConfig::parse(&text, "k.toml").unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("k.toml"), "{want}: {e}");
+        }
+        // A Vault configuration takes no `cipher` and still needs `auth`.
+        let e = KmsConfig::parse(&format!("{GOOD}cipher = \"gcm\"\n"), "v.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KMIP setting"), "{e}");
+        let no_auth = "type = \"vault\"\naddresses = [\"https://a\"]\nkey_name = \"k\"\n";
+        let e = KmsConfig::parse(no_auth, "v.toml").unwrap_err().to_string();
+        assert!(e.contains("missing `auth`"), "{e}");
     }
 
     #[test]

@@ -106,6 +106,39 @@ pub enum KmsError {
         errors: Vec<String>,
     },
 
+    /// A KMIP server refused or failed an operation (KMIP Result Status
+    /// other than Success).
+    #[error("KMIP server at {address} refused {operation}: {detail}")]
+    KmipFailure {
+        /// `HOST:PORT` of the server.
+        address: String,
+        /// The KMIP operation.
+        operation: &'static str,
+        /// The Result Reason value, if the server gave one.
+        reason: Option<u32>,
+        /// The Result Reason's name and the server's Result Message.
+        detail: String,
+    },
+
+    /// The KMIP key does not exist, or this client certificate may not see it.
+    #[error("KMIP key '{key}' not found at {address} (kmsfs never creates KMS keys: create an AES-256 key whose usage mask allows Encrypt and Decrypt, activate it, and give its Unique Identifier or name:NAME; objects of another client certificate may be invisible)")]
+    KmipKeyNotFound {
+        /// The key as configured (Unique Identifier or `name:NAME`).
+        key: String,
+        /// `HOST:PORT` of the server that answered.
+        address: String,
+    },
+
+    /// The key exists but cannot be used as asked (state not Active, usage
+    /// mask without Encrypt or Decrypt, not an AES key).
+    #[error("KMS key '{key}' cannot be used: {detail}")]
+    KeyNotUsable {
+        /// The key's identifier.
+        key: String,
+        /// Why, and what to do.
+        detail: String,
+    },
+
     /// The server's answer could not be understood.
     #[error("unexpected KMS response for {path}: {detail}")]
     Protocol {

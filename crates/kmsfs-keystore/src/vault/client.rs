@@ -88,6 +88,14 @@ impl VaultClient {
     /// (`config.auth` is ignored).
     pub fn with_credentials(config: &KmsConfig, credentials: Credentials) -> Result<Self> {
         config.validate()?;
+        if config.kind != crate::config::KmsKind::Vault {
+            return Err(KmsError::Config {
+                detail: format!(
+                    "the configured KMS is of type \"{}\", not \"vault\"; this command cannot use it yet",
+                    config.kind.as_str()
+                ),
+            });
+        }
         let timeout = Duration::from_secs(config.timeout_secs);
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()

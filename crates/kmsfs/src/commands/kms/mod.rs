@@ -1,10 +1,14 @@
 //! `kmsfs kms set|show|unset|check`: the KMS configuration.
+//!
+//! Vault/OpenBao is handled here; KMIP in [`kmip`].
+
+mod kmip;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use kmsfs_core::secret::SecretBytes;
-use kmsfs_keystore::{read_secret_file, AuthConfig, KmsConfig, KmsError, VaultClient};
+use kmsfs_keystore::{read_secret_file, AuthConfig, KmsConfig, KmsError, KmsKind, VaultClient};
 use serde_json::json;
 
 use crate::commands::{absolute, client, print_json, runtime};
@@ -38,14 +42,16 @@ pub enum KmsCommand {
 /// Arguments of `kmsfs kms set`.
 #[derive(Debug, clap::Args)]
 pub struct SetArgs {
-    /// KMS type: only `vault` (HashiCorp Vault / OpenBao Transit).
+    /// KMS type: `vault` (HashiCorp Vault / OpenBao Transit) or `kmip`.
     #[arg(value_name = "TYPE")]
     pub kms_type: String,
-    /// Server address, or several comma-separated (`https://vault-1:8200,https://vault-2:8200`).
+    /// Server address, or several comma-separated: for Vault
+    /// `https://vault-1:8200,https://vault-2:8200`, for KMIP `HOST:PORT,HOST:PORT`.
     #[arg(value_name = "ADDRESS[,ADDRESS...]")]
     pub addresses: String,
-    /// Transit key name that wraps filesystem master keys.
-    #[arg(value_name = "KEY-NAME")]
+    /// The key that wraps filesystem master keys: the Transit key name, or
+    /// for KMIP the key's Unique Identifier or `name:NAME`.
+    #[arg(value_name = "KEY")]
     pub key_name: String,
     /// File holding the token (mode 0600). Without it (and without AppRole)
     /// the token is taken from VAULT_TOKEN / BAO_TOKEN at run time.
@@ -66,7 +72,7 @@ pub struct SetArgs {
     /// Mount path of the AppRole auth method.
     #[arg(long, value_name = "PATH", default_value = "approle")]
     pub auth_path: String,
-    /// PEM file of the CA that signed the server certificate.
+    /// PEM file of the CA that signed the server certificate (required for KMIP).
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// PEM client certificate for mutual TLS (with --client-key).
@@ -75,9 +81,14 @@ pub struct SetArgs {
     /// PEM client private key for mutual TLS (mode 0600).
     #[arg(long, value_name = "FILE", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
-    /// Timeout of each KMS request, in seconds.
+    /// Timeout of each KMS request, in seconds (KMIP: one deadline per
+    /// operation across all addresses).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub timeout: u64,
+    /// KMIP only: cipher mode to wrap with: `auto` (AES-GCM with KMIP 1.4,
+    /// else AES-CBC), `gcm` or `cbc`.
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "gcm", "cbc"])]
+    pub cipher: Option<String>,
     /// Save without contacting the KMS.
     #[arg(long)]
     pub no_verify: bool,
@@ -129,9 +140,12 @@ fn abs_opt(p: &Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
 fn config_from_args(a: &SetArgs) -> anyhow::Result<KmsConfig> {
     if a.kms_type != "vault" {
         anyhow::bail!(
-            "unsupported KMS type '{}': only 'vault' (HashiCorp Vault / OpenBao Transit) is supported",
+            "unsupported KMS type '{}': use 'vault' (HashiCorp Vault / OpenBao Transit) or 'kmip' (a KMIP server)",
             a.kms_type
         );
+    }
+    if a.cipher.is_some() {
+        anyhow::bail!("--cipher is a KMIP option; a Vault KMS does not take it");
     }
     let addresses: Vec<String> = a
         .addresses
@@ -188,6 +202,9 @@ async fn probe(client: &VaultClient, key: &str, derived: bool) -> Result<(), Kms
 }
 
 fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
+    if a.kms_type == "kmip" {
+        return kmip::run_set(config_path, &a);
+    }
     let cfg = config_from_args(&a)?;
     if let AuthConfig::AppRole { secret_id_file, .. } = &cfg.auth {
         read_secret_file(secret_id_file, true)?;
@@ -254,6 +271,9 @@ fn auth_description(auth: &AuthConfig) -> String {
 
 fn run_show(config_path: &Path, a: ShowArgs) -> anyhow::Result<()> {
     let (cfg, source) = load_kms_config_with_source(config_path)?;
+    if cfg.kind == KmsKind::Kmip {
+        return kmip::show(&cfg, &source, a.json);
+    }
     if a.json {
         // KmsConfig holds only paths, never a token or secret id.
         let (kind, path) = match &source {
@@ -367,6 +387,10 @@ pub fn collect_checks_with(config_path: &Path, plans: &Plans) -> Vec<Check> {
         }
     };
     c.add(Status::Ok, "config", format!("from {source}"));
+    if cfg.kind == KmsKind::Kmip {
+        kmip::checks(&cfg, &mut c);
+        return c.0;
+    }
     for a in &cfg.addresses {
         if a.starts_with("http://") {
             c.add(
