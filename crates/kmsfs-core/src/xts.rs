@@ -116,15 +116,7 @@ impl Xts256 {
         unit: u128,
         first_block: u64,
     ) -> Result<(), XtsError> {
-        if buf.len() % 16 != 0 {
-            return Err(XtsError::NotWholeBlocks(buf.len()));
-        }
-        let mut t = self.initial_tweak(unit);
-        for _ in 0..first_block {
-            t = mul_alpha(t);
-        }
-        self.process_bulk(buf, t, true);
-        Ok(())
+        self.process_blocks(buf, unit, first_block, true)
     }
 
     /// Decrypts whole blocks `first_block..` of data unit `unit` in place,
@@ -137,6 +129,16 @@ impl Xts256 {
         unit: u128,
         first_block: u64,
     ) -> Result<(), XtsError> {
+        self.process_blocks(buf, unit, first_block, false)
+    }
+
+    fn process_blocks(
+        &self,
+        buf: &mut [u8],
+        unit: u128,
+        first_block: u64,
+        encrypt: bool,
+    ) -> Result<(), XtsError> {
         if buf.len() % 16 != 0 {
             return Err(XtsError::NotWholeBlocks(buf.len()));
         }
@@ -144,7 +146,7 @@ impl Xts256 {
         for _ in 0..first_block {
             t = mul_alpha(t);
         }
-        self.process_bulk(buf, t, false);
+        self.process_bulk(buf, t, encrypt);
         Ok(())
     }
 
