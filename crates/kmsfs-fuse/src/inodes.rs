@@ -437,6 +437,115 @@ fn handles_work(root: &OwnedFd, mount_fd: &OwnedFd) -> bool {
 mod tests {
     use super::*;
 
+    /// A table over a fresh temporary directory holding `names` (files).
+    fn table(handles: bool, names: &[&str]) -> (std::path::PathBuf, Inodes, OwnedFd) {
+        let dir = std::env::temp_dir().join(format!(
+            "kmsfs-inodes-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        for n in names {
+            std::fs::write(dir.join(n), n.as_bytes()).unwrap();
+        }
+        let c = |flags| {
+            sys::openat(
+                libc::AT_FDCWD,
+                dir.as_os_str(),
+                flags | libc::O_DIRECTORY,
+                0,
+            )
+            .unwrap()
+        };
+        let root = c(libc::O_PATH);
+        let st = sys::fstat(root.as_raw_fd()).unwrap();
+        let table = Inodes::new(root, c(libc::O_RDONLY), &st, handles);
+        let dfd = c(libc::O_PATH);
+        (dir, table, dfd)
+    }
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    fn look(t: &Inodes, dir: &OwnedFd, name: &str) -> (u64, Arc<Node>) {
+        let st = sys::statat(dir.as_raw_fd(), std::ffi::OsStr::new(name)).unwrap();
+        let ino = t.fuse_ino(&st).unwrap();
+        t.remember(
+            ino,
+            Kind::File,
+            dir,
+            std::ffi::OsStr::new(name),
+            st.st_ino,
+            || None,
+        )
+        .unwrap()
+    }
+
+    fn backing_ino(t: &Inodes, ino: u64, node: &Node) -> u64 {
+        sys::fstat(t.path_fd(ino, node).unwrap().as_raw_fd())
+            .unwrap()
+            .st_ino
+    }
+
+    #[test]
+    fn both_anchors_reach_the_inode_and_forget_frees_the_node() {
+        for handles in [true, false] {
+            let (dir, t, dfd) = table(handles, &["a", "b"]);
+            let (ia, na) = look(&t, &dfd, "a");
+            let (ia2, na2) = look(&t, &dfd, "a");
+            assert_eq!(ia, ia2);
+            assert!(
+                Arc::ptr_eq(&na, &na2),
+                "a second lookup makes a second node"
+            );
+            let (ib, nb) = look(&t, &dfd, "b");
+            assert_ne!(ia, ib);
+            assert_eq!(backing_ino(&t, ia, &na), ia);
+            assert_eq!(backing_ino(&t, ib, &nb), ib);
+            // Reopening for I/O reads the right file.
+            let f = std::fs::File::from(t.open(&nb, libc::O_RDONLY).unwrap());
+            assert_eq!(std::io::read_to_string(f).unwrap(), "b");
+            t.forget(ia, 1);
+            assert!(t.get(ia).is_some(), "one lookup is still held");
+            t.forget(ia, 1);
+            assert!(t.get(ia).is_none());
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_moved_symlink_keeps_its_number_and_a_reused_number_gets_another() {
+        let (dir, t, dfd) = table(true, &["old", "new"]);
+        let (ino, _) = look(&t, &dfd, "old");
+        let new_st = sys::statat(dfd.as_raw_fd(), std::ffi::OsStr::new("new")).unwrap();
+        let link = Box::new(LinkEntry {
+            dir_iv: [0; DIR_IV_LEN],
+            backing_name: b"new".as_slice().into(),
+        });
+        t.moved(ino, &dfd, std::ffi::OsStr::new("new"), new_st.st_ino, link)
+            .unwrap();
+        // The node now reaches the new inode, under the old number, and a
+        // lookup of the new entry finds that node.
+        let node = t.get(ino).unwrap();
+        assert_eq!(backing_ino(&t, ino, &node), new_st.st_ino);
+        assert_eq!(t.fuse_ino(&new_st).unwrap(), ino);
+        assert_eq!(t.listing_ino(new_st.st_ino), ino);
+        let (again, n2) = look(&t, &dfd, "new");
+        assert_eq!(again, ino);
+        assert!(Arc::ptr_eq(&node, &n2));
+        // The old entry's inode number, were it reused, gets a number of
+        // its own: here the old file itself stands in for the newcomer.
+        let (other, n3) = look(&t, &dfd, "old");
+        assert_ne!(other, ino);
+        assert!(other >= SYNTHETIC_BASE);
+        assert_eq!(backing_ino(&t, other, &n3), ino);
+        // Forgetting drops the aliases with the nodes.
+        t.forget(ino, 2);
+        assert_eq!(t.fuse_ino(&new_st).unwrap(), new_st.st_ino);
+        t.forget(other, 1);
+        assert_eq!(t.alias_count.load(Ordering::Relaxed), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn cache_size_follows_the_limit_within_bounds() {
         assert_eq!(fd_cache_size(256), 64);
