@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kmsfs::commands::{
-    self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, UnlockCheckArgs,
+    self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, SnapshotArgs,
+    UnlockCheckArgs,
 };
 use kmsfs::{kmsconfig, mount};
 
@@ -46,6 +47,8 @@ enum Command {
     Fsck(FsckArgs),
     /// Re-wrap filesystem keys with the newest KMS key version, or another key.
     Rewrap(RewrapArgs),
+    /// Snapshots to an object store (S3 or a directory): create, list, restore, delete.
+    Snapshot(SnapshotArgs),
     /// Unlock a filesystem with the KMS and verify its header; prints "ok".
     #[command(hide = true)]
     UnlockCheck(UnlockCheckArgs),
@@ -69,6 +72,7 @@ fn holds_secrets(command: &Command) -> bool {
         | Command::Rewrap(_)
         | Command::Fsck(_)
         | Command::UnlockCheck(_) => true,
+        Command::Snapshot(a) => a.holds_secrets(),
         Command::Umount(_) | Command::Info(_) | Command::List(_) => false,
     }
 }
@@ -86,6 +90,7 @@ fn run(config: &Path, command: Command) -> anyhow::Result<()> {
         Command::List(a) => commands::run_list(config, a),
         Command::Fsck(a) => commands::run_fsck(config, a),
         Command::Rewrap(a) => commands::run_rewrap(config, a),
+        Command::Snapshot(a) => commands::run_snapshot(config, a),
         Command::UnlockCheck(a) => commands::run_unlock_check(config, a),
     }
 }

@@ -15,6 +15,7 @@ pub mod info;
 pub mod kms;
 pub mod list;
 pub mod rewrap;
+pub mod snapshot;
 
 pub use create::{run_create, CreateArgs};
 pub use fsck::{run_fsck, FsckArgs};
@@ -22,6 +23,7 @@ pub use info::{run_info, run_unlock_check, InfoArgs, UnlockCheckArgs};
 pub use kms::{run_kms, KmsArgs, KmsCommand};
 pub use list::{run_list, ListArgs};
 pub use rewrap::{run_rewrap, RewrapArgs};
+pub use snapshot::{run_snapshot, SnapshotArgs};
 
 /// A single-threaded tokio runtime for commands that talk to the KMS.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
