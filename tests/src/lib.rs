@@ -3,3 +3,4 @@
 pub mod bao;
 pub mod cli;
 pub mod fuse;
+pub mod s3;

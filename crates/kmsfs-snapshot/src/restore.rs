@@ -314,12 +314,32 @@ async fn fetch_file(
     let mut fetched = 0;
     while let Some(r) = s.next().await {
         let (offset, bytes) = r?;
-        f.write_all_at(&bytes, offset)
-            .map_err(|e| SnapshotError::io(&entry.path, e))?;
+        write_sparse(f, &bytes, offset).map_err(|e| SnapshotError::io(&entry.path, e))?;
         progress.inc(bytes.len() as u64);
         fetched += 1;
     }
     Ok(fetched)
+}
+
+/// Writes the non-zero 4 KiB pages of `bytes` at `offset`: all-zero pages
+/// stay holes (kmsfs reads an all-zero unit as zeros), so a sparse backing
+/// file restores sparse. The caller sets the final length.
+fn write_sparse(f: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    const PAGE: usize = 4096;
+    let mut i = 0;
+    while i < bytes.len() {
+        let page_end = |p: usize| (p + PAGE).min(bytes.len());
+        if bytes[i..page_end(i)].iter().all(|b| *b == 0) {
+            i = page_end(i);
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !bytes[i..page_end(i)].iter().all(|b| *b == 0) {
+            i = page_end(i);
+        }
+        f.write_all_at(&bytes[start..i], offset + start as u64)?;
+    }
+    Ok(())
 }
 
 fn cpath(p: &Path) -> Result<CString, SnapshotError> {

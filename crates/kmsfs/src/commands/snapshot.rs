@@ -17,7 +17,9 @@ use serde_json::json;
 
 use crate::commands::{absolute, client, print_json, uuid_string};
 use crate::fsheader::{read_header_at, unlock};
-use crate::kmsconfig::load_kms_config;
+use crate::keycheck::KeyCheck;
+use crate::kmsconfig::{load_kms_config, registry_path};
+use crate::registry::{Entry as RegistryEntry, Registry};
 
 /// Uploads or downloads in flight at once.
 const CONCURRENCY: usize = 8;
@@ -287,6 +289,25 @@ async fn run_restore(
             newdir.display()
         )
     })?;
+    // The restored filesystem is this host's now: register it with the key
+    // check value of the key the KMS just unwrapped (so `kmsfs list`,
+    // `rewrap --all` know it and a mount here refuses a replaced header).
+    let reg_path = registry_path(config_path);
+    let kcv = KeyCheck::of(&keys);
+    let registered = Registry::load(&reg_path).and_then(|mut reg| {
+        reg.add(RegistryEntry {
+            path: newdir.clone(),
+            uuid: fs_uuid.clone(),
+            kcv: Some(kcv),
+        });
+        reg.save(&reg_path)
+    });
+    if let Err(e) = registered {
+        eprintln!(
+            "kmsfs: warning: restored but not registered in {}: {e:#} (mount with -o kcv={kcv})",
+            reg_path.display()
+        );
+    }
     if opts.json {
         let mut v = serde_json::to_value(&stats).context("cannot encode JSON")?;
         v["path"] = json!(newdir);
