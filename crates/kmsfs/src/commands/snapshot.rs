@@ -150,20 +150,32 @@ fn open_store(target: &str, opts: &StoreOpts, create: bool) -> anyhow::Result<Ar
 fn lock_unmounted(cipherdir: &Path) -> anyhow::Result<File> {
     let dir =
         File::open(cipherdir).with_context(|| format!("cannot open {}", cipherdir.display()))?;
-    // SAFETY: `dir` is an open descriptor for the duration of the call.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // A daemon that was just unmounted may take a moment to exit and drop
+    // the lock (`kmsfs umount && kmsfs snapshot create` in a script): wait
+    // a little before calling the filesystem mounted.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: `dir` is an open descriptor for the duration of the call.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(dir);
+        }
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("cannot lock {}", cipherdir.display()));
+        }
+        if std::time::Instant::now() >= deadline {
             anyhow::bail!(
                 "{} is mounted (a kmsfs daemon holds its lock): a snapshot of a mounted \
                  filesystem is not supported yet; unmount it, take the snapshot, mount it again",
                 cipherdir.display()
             );
         }
-        return Err(e).with_context(|| format!("cannot lock {}", cipherdir.display()));
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Ok(dir)
 }
+
+/// How long `snapshot create` waits for a mount daemon's lock to go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run_create(
     config_path: &Path,
