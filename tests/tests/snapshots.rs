@@ -103,6 +103,18 @@ async fn umount(k: &Kmsfs, plain: &Path) {
     k.run_async(&["umount", s(plain)]).await.ok();
 }
 
+/// Unmounts `plain`, mounts it again and describes it, then unmounts: the
+/// tree as the backing directory holds it (with the writeback cache, a
+/// file's mtime seen before the unmount can be a second older than the one
+/// its last flush stores).
+async fn at_rest(env: &CliEnv, cipher: &Path, plain: &Path) -> BTreeMap<String, String> {
+    umount(&env.kmsfs, plain).await;
+    env.mount(cipher, plain, &[]).await.ok();
+    let tree = describe(plain);
+    umount(&env.kmsfs, plain).await;
+    tree
+}
+
 /// A second host: its own configuration directory (empty registry), the
 /// same KMS.
 async fn fresh_host(env: &CliEnv, dir: &Path) -> Kmsfs {
@@ -178,8 +190,7 @@ async fn snapshots_restore_on_a_fresh_host_as_they_were() {
         .await
         .failed();
     assert!(one_line(&r).contains("is mounted"), "{}", r.stderr);
-    let state_a = describe(&plain);
-    umount(&k, &plain).await;
+    let state_a = at_rest(&env, &cipher, &plain).await;
 
     let a = k
         .run_async(&[
@@ -211,9 +222,8 @@ async fn snapshots_restore_on_a_fresh_host_as_they_were() {
     drop(f);
     fs::write(plain.join("new.txt"), b"written after the first snapshot").unwrap();
     fs::remove_file(plain.join("docs/tiny")).unwrap();
-    let state_b = describe(&plain);
+    let state_b = at_rest(&env, &cipher, &plain).await;
     assert_ne!(state_a, state_b);
-    umount(&k, &plain).await;
 
     let b = k
         .run_async(&["snapshot", "create", s(&cipher), target, "--json"])
@@ -356,8 +366,7 @@ async fn restore_refuses_missing_or_tampered_objects_by_name() {
     let _g = CliMountGuard(plain.clone());
     env.mount(&cipher, &plain, &[]).await.ok();
     fill(&plain, 3 * MIB);
-    let state = describe(&plain);
-    umount(k, &plain).await;
+    let state = at_rest(&env, &cipher, &plain).await;
     let store = env.path("store");
     let target = format!("file://{}", store.display());
     let id = k
@@ -465,8 +474,7 @@ async fn killed_object_store_then_rerun_completes() {
     for i in 0..6 {
         fs::write(plain.join(format!("f{i}")), rng.bytes(8 * MIB)).unwrap();
     }
-    let state = describe(&plain);
-    umount(&k, &plain).await;
+    let state = at_rest(&env, &cipher, &plain).await;
 
     let child = Command::new(kmsfs_bin())
         .arg("--config")
