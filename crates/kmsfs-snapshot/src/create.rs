@@ -93,11 +93,12 @@ pub async fn create(
 ) -> Result<CreateStats, SnapshotError> {
     use base64::Engine as _;
     let known = store.chunk_ids().await?;
-    let now = std::time::SystemTime::now()
+    let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let id = new_id(now);
+    let now = now_ms.div_euclid(1000);
+    let id = new_id(now_ms);
     let head = Head {
         kmsfs_snapshot: MANIFEST_VERSION,
         id: id.clone(),

@@ -45,9 +45,14 @@ pub fn parse_chunk(hex_id: &str) -> Option<ChunkId> {
 }
 
 /// True for a snapshot id this build could have made (letters, digits,
-/// `-`): anything else never reaches a store path.
+/// `-`, `.` but not first): anything else never reaches a store path.
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 impl Store {
@@ -92,12 +97,16 @@ impl Store {
     }
 }
 
-/// A new snapshot id: UTC time to the second (so ids sort by time), then 8
-/// random hex digits.
-pub fn new_id(unix: i64) -> String {
-    let (y, mo, d, h, mi, s) = civil(unix);
+/// A new snapshot id: UTC time to the millisecond (so ids sort by time,
+/// even two taken in one second), then 8 random hex digits.
+pub fn new_id(unix_ms: i64) -> String {
+    let (y, mo, d, h, mi, s) = civil(unix_ms.div_euclid(1000));
+    let ms = unix_ms.rem_euclid(1000);
     let rnd = uuid::Uuid::new_v4().simple().to_string();
-    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z-{}", &rnd[..8])
+    format!(
+        "{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{ms:03}Z-{}",
+        &rnd[..8]
+    )
 }
 
 /// RFC 3339 UTC of Unix seconds.
@@ -138,10 +147,13 @@ mod tests {
     fn times_format() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_795_879_021), "2026-11-28T15:17:01Z");
-        assert!(new_id(0).starts_with("19700101T000000Z-"));
+        assert!(new_id(0).starts_with("19700101T000000.000Z-"));
+        assert!(new_id(1_999).starts_with("19700101T000001.999Z-"));
+        assert!(new_id(999) < new_id(1_000));
         assert!(valid_id(&new_id(0)));
         assert!(!valid_id("../x"));
         assert!(!valid_id(""));
+        assert!(!valid_id(".."));
     }
 
     #[test]

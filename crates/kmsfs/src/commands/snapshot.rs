@@ -236,12 +236,12 @@ async fn run_list(target: &str, opts: &StoreOpts) -> anyhow::Result<()> {
         println!("no snapshots in {}", store.display());
         return Ok(());
     }
-    println!("{:<26} {:<21} {:<37} label", "id", "created", "filesystem");
+    println!("{:<30} {:<21} {:<37} label", "id", "created", "filesystem");
     for s in snaps {
         match s.error {
-            Some(e) => println!("{:<26} {e}", s.id),
+            Some(e) => println!("{:<30} {e}", s.id),
             None => println!(
-                "{:<26} {:<21} {:<37} {}",
+                "{:<30} {:<21} {:<37} {}",
                 s.id,
                 s.created.unwrap_or_default(),
                 s.fs_uuid.unwrap_or_default(),
