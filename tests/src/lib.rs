@@ -4,3 +4,4 @@ pub mod bao;
 pub mod cli;
 pub mod fuse;
 pub mod pykmip;
+pub mod s3;

@@ -8,7 +8,8 @@
 //!        ├─ "kmsfs v1 names"      → 64-byte AES-256-SIV key
 //!        ├─ "kmsfs v1 symlinks"   → 32-byte AES-256-GCM key
 //!        ├─ "kmsfs v1 header mac" → 32-byte HMAC-SHA256 key
-//!        └─ "kmsfs v1 key check"  → 16-byte key check value (not a key)
+//!        ├─ "kmsfs v1 key check"  → 16-byte key check value (not a key)
+//!        └─ "kmsfs v1 snapshot manifest" → 32-byte HMAC-SHA256 key of snapshot manifests
 //! ```
 //!
 //! Salting with the UUID means two filesystems that somehow shared a master
@@ -30,6 +31,7 @@ const LABEL_NAMES: &[u8] = b"kmsfs v1 names";
 const LABEL_SYMLINKS: &[u8] = b"kmsfs v1 symlinks";
 const LABEL_HEADER_MAC: &[u8] = b"kmsfs v1 header mac";
 const LABEL_KEY_CHECK: &[u8] = b"kmsfs v1 key check";
+const LABEL_SNAPSHOT_MANIFEST: &[u8] = b"kmsfs v1 snapshot manifest";
 
 /// Length of the key check value in bytes.
 pub const KEY_CHECK_LEN: usize = 16;
@@ -81,6 +83,7 @@ pub struct FsKeys {
     names: SecretBytes,
     symlinks: SecretBytes,
     header_mac: SecretBytes,
+    snapshot_manifest: SecretBytes,
     key_check: [u8; KEY_CHECK_LEN],
 }
 
@@ -100,6 +103,7 @@ impl FsKeys {
             names: expand(LABEL_NAMES, 64),
             symlinks: expand(LABEL_SYMLINKS, 32),
             header_mac: expand(LABEL_HEADER_MAC, 32),
+            snapshot_manifest: expand(LABEL_SNAPSHOT_MANIFEST, 32),
             key_check: {
                 let mut kcv = [0u8; KEY_CHECK_LEN];
                 hk.expand(LABEL_KEY_CHECK, &mut kcv)
@@ -145,6 +149,14 @@ impl FsKeys {
         self.symlinks.expose()
     }
 
+    /// The 32-byte HMAC-SHA256 key that authenticates a snapshot manifest
+    /// (`kmsfs snapshot`): only a holder of the master key can write a
+    /// manifest a restore accepts, and it is independent of every other
+    /// subkey, so the snapshot code never touches the contents or name keys.
+    pub fn snapshot_manifest_key(&self) -> &[u8] {
+        self.snapshot_manifest.expose()
+    }
+
     /// The 32-byte HMAC-SHA256 key that authenticates the filesystem header.
     pub(crate) fn header_mac_key(&self) -> &[u8] {
         self.header_mac.expose()
@@ -166,6 +178,7 @@ mod tests {
             &a.names.expose()[32..],
             a.symlinks.expose(),
             a.header_mac.expose(),
+            a.snapshot_manifest.expose(),
         ];
         for (i, x) in all.iter().enumerate() {
             for y in &all[i + 1..] {
@@ -202,6 +215,7 @@ mod tests {
             k.names.expose(),
             k.symlinks.expose(),
             k.header_mac.expose(),
+            k.snapshot_manifest.expose(),
         ] {
             assert!(
                 !key.windows(KEY_CHECK_LEN).any(|w| w == kcv),

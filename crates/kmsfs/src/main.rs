@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kmsfs::commands::{
-    self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, SlotArgs, UnlockCheckArgs,
+    self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, SlotArgs, SnapshotArgs,
+    UnlockCheckArgs,
 };
 use kmsfs::{kmsconfig, mount};
 
@@ -48,6 +49,8 @@ enum Command {
     Rewrap(RewrapArgs),
     /// List, add and remove key slots (copies of the key wrapped by other KMSes).
     Slot(SlotArgs),
+    /// Snapshots to an object store (S3 or a directory): create, list, restore, delete.
+    Snapshot(SnapshotArgs),
     /// Unlock a filesystem with the KMS and verify its header; prints "ok".
     #[command(hide = true)]
     UnlockCheck(UnlockCheckArgs),
@@ -72,6 +75,7 @@ fn holds_secrets(command: &Command) -> bool {
         | Command::Slot(_)
         | Command::Fsck(_)
         | Command::UnlockCheck(_) => true,
+        Command::Snapshot(a) => a.holds_secrets(),
         Command::Umount(_) | Command::Info(_) | Command::List(_) => false,
     }
 }
@@ -90,6 +94,7 @@ fn run(config: &Path, command: Command) -> anyhow::Result<()> {
         Command::Fsck(a) => commands::run_fsck(config, a),
         Command::Rewrap(a) => commands::run_rewrap(config, a),
         Command::Slot(a) => commands::run_slot(config, a),
+        Command::Snapshot(a) => commands::run_snapshot(config, a),
         Command::UnlockCheck(a) => commands::run_unlock_check(config, a),
     }
 }

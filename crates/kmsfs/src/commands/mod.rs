@@ -16,6 +16,7 @@ pub mod kms;
 pub mod list;
 pub mod rewrap;
 pub mod slot;
+pub mod snapshot;
 
 pub use create::{run_create, CreateArgs};
 pub use fsck::{run_fsck, FsckArgs};
@@ -24,6 +25,7 @@ pub use kms::{run_kms, KmsArgs, KmsCommand};
 pub use list::{run_list, ListArgs};
 pub use rewrap::{run_rewrap, RewrapArgs};
 pub use slot::{run_slot, SlotArgs};
+pub use snapshot::{run_snapshot, SnapshotArgs};
 
 /// A single-threaded tokio runtime for commands that talk to the KMS.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

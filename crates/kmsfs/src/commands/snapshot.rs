@@ -1,0 +1,436 @@
+//! `kmsfs snapshot`: snapshots of a backing directory to an object store
+//! (S3 or a directory), and restores from them on any host that reaches
+//! the KMS. The work is in the `kmsfs-snapshot` crate; this module adds the
+//! KMS (unlock, to authenticate manifests), the lock against a mount, and
+//! the output.
+
+use std::fs::File;
+use std::io::IsTerminal as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use kmsfs_core::header::UnverifiedHeader;
+use kmsfs_snapshot::{NoProgress, Progress, S3Options, Store, Target};
+use serde_json::json;
+
+use crate::commands::{absolute, kms_access, print_json, uuid_string};
+use crate::fsheader::{read_header_at, unlock, Unlocked};
+use crate::keycheck::KeyCheck;
+use crate::kmsconfig::{load_kms_config, registry_path};
+use crate::registry::{Entry as RegistryEntry, Registry};
+
+/// Uploads or downloads in flight at once.
+const CONCURRENCY: usize = 8;
+
+/// Arguments of `kmsfs snapshot`.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: SnapshotCommand,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, clap::Args)]
+pub struct StoreOpts {
+    /// S3 endpoint URL (overrides AWS_ENDPOINT_URL); credentials come from
+    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the region from AWS_REGION.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The `kmsfs snapshot` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot an unmounted filesystem to TARGET (s3://BUCKET[/PREFIX] or a
+    /// directory); prints the snapshot id.
+    Create {
+        /// The backing (encrypted) directory.
+        cipherdir: PathBuf,
+        /// s3://BUCKET[/PREFIX], file:///DIR or /DIR.
+        target: String,
+        /// A label stored with the snapshot (in the clear).
+        #[arg(long)]
+        label: Option<String>,
+        /// Endpoint and output options.
+        #[command(flatten)]
+        opts: StoreOpts,
+    },
+    /// List the snapshots in TARGET.
+    List {
+        /// s3://BUCKET[/PREFIX], file:///DIR or /DIR.
+        target: String,
+        /// Endpoint and output options.
+        #[command(flatten)]
+        opts: StoreOpts,
+    },
+    /// Restore SNAPSHOT from TARGET into NEWDIR (new or empty), verifying
+    /// the manifest with the KMS and every object against it.
+    Restore {
+        /// s3://BUCKET[/PREFIX], file:///DIR or /DIR.
+        target: String,
+        /// The snapshot id (see `kmsfs snapshot list`).
+        snapshot: String,
+        /// The new backing directory.
+        newdir: PathBuf,
+        /// Endpoint and output options.
+        #[command(flatten)]
+        opts: StoreOpts,
+    },
+    /// Delete SNAPSHOT from TARGET, and the objects no other snapshot uses.
+    Delete {
+        /// s3://BUCKET[/PREFIX], file:///DIR or /DIR.
+        target: String,
+        /// The snapshot id.
+        snapshot: String,
+        /// Endpoint and output options.
+        #[command(flatten)]
+        opts: StoreOpts,
+    },
+}
+
+impl SnapshotArgs {
+    /// True for the subcommands that unwrap a master key.
+    pub fn holds_secrets(&self) -> bool {
+        matches!(
+            self.command,
+            SnapshotCommand::Create { .. } | SnapshotCommand::Restore { .. }
+        )
+    }
+}
+
+/// Runs `kmsfs snapshot ...`.
+pub fn run_snapshot(config_path: &Path, args: SnapshotArgs) -> anyhow::Result<()> {
+    // Uploads hash and copy: two workers use both cores of a small host
+    // without starving a mount daemon beside it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match args.command {
+        SnapshotCommand::Create {
+            cipherdir,
+            target,
+            label,
+            opts,
+        } => rt.block_on(run_create(config_path, &cipherdir, &target, label, &opts)),
+        SnapshotCommand::List { target, opts } => rt.block_on(run_list(&target, &opts)),
+        SnapshotCommand::Restore {
+            target,
+            snapshot,
+            newdir,
+            opts,
+        } => rt.block_on(run_restore(config_path, &target, &snapshot, &newdir, &opts)),
+        SnapshotCommand::Delete {
+            target,
+            snapshot,
+            opts,
+        } => rt.block_on(run_delete(&target, &snapshot, &opts)),
+    }
+}
+
+fn open_store(target: &str, opts: &StoreOpts, create: bool) -> anyhow::Result<Arc<Store>> {
+    let t = Target::parse(target)?;
+    let s3 = S3Options {
+        endpoint: opts.s3_endpoint.clone(),
+    };
+    Ok(Arc::new(Store::open(&t, &s3, create)?))
+}
+
+/// Takes the lock a mount daemon takes on the backing root (`flock`
+/// exclusive, see kmsfs-fuse `KmsFs::new`): while the returned descriptor
+/// is open no mount can start, and if a daemon holds it the filesystem is
+/// mounted.
+fn lock_unmounted(cipherdir: &Path) -> anyhow::Result<File> {
+    let dir =
+        File::open(cipherdir).with_context(|| format!("cannot open {}", cipherdir.display()))?;
+    // A daemon that was just unmounted may take a moment to exit and drop
+    // the lock (`kmsfs umount && kmsfs snapshot create` in a script): wait
+    // a little before calling the filesystem mounted.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: `dir` is an open descriptor for the duration of the call.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(dir);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("cannot lock {}", cipherdir.display()));
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{} is mounted (a kmsfs daemon holds its lock): a snapshot of a mounted \
+                 filesystem is not supported yet; unmount it, take the snapshot, mount it again",
+                cipherdir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// How long `snapshot create` waits for a mount daemon's lock to go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn run_create(
+    config_path: &Path,
+    cipherdir: &Path,
+    target: &str,
+    label: Option<String>,
+    opts: &StoreOpts,
+) -> anyhow::Result<()> {
+    let cipherdir = absolute(cipherdir)?;
+    let lock = lock_unmounted(&cipherdir)?;
+    let (header_bytes, hdr) = read_header_at(lock.as_fd(), &cipherdir)?;
+    let store = open_store(target, opts, true)?;
+    let cfg = load_kms_config(config_path)?;
+    let kms = kms_access(&cfg)?;
+    // Unlocking authenticates the header that goes into the snapshot and
+    // gives the key its manifest is authenticated with.
+    let Unlocked { header, keys, .. } = unlock(&kms, &cipherdir, hdr).await?;
+    let fs_uuid = uuid_string(&header.uuid);
+    let progress = progress(opts.json);
+    let stats = kmsfs_snapshot::create(
+        store.clone(),
+        kmsfs_snapshot::CreateRequest {
+            cipherdir: &cipherdir,
+            header: &header_bytes,
+            fs_uuid: &fs_uuid,
+            manifest_key: keys.snapshot_manifest_key(),
+            label,
+            concurrency: CONCURRENCY,
+        },
+        progress,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "snapshot of {} to {target} failed; nothing was published (a rerun uploads only what is missing)",
+            cipherdir.display()
+        )
+    })?;
+    drop(lock);
+    if opts.json {
+        let mut v = serde_json::to_value(&stats).context("cannot encode JSON")?;
+        v["target"] = json!(store.display());
+        v["fs_uuid"] = json!(fs_uuid);
+        return print_json(&v);
+    }
+    println!("{}", stats.id);
+    Ok(())
+}
+
+async fn run_list(target: &str, opts: &StoreOpts) -> anyhow::Result<()> {
+    let store = open_store(target, opts, false)?;
+    let snaps = kmsfs_snapshot::list(&store).await?;
+    if opts.json {
+        return print_json(&serde_json::to_value(&snaps).context("cannot encode JSON")?);
+    }
+    if snaps.is_empty() {
+        println!("no snapshots in {}", store.display());
+        return Ok(());
+    }
+    println!("{:<30} {:<21} {:<37} label", "id", "created", "filesystem");
+    for s in snaps {
+        match s.error {
+            Some(e) => println!("{:<30} {e}", s.id),
+            None => println!(
+                "{:<30} {:<21} {:<37} {}",
+                s.id,
+                s.created.unwrap_or_default(),
+                s.fs_uuid.unwrap_or_default(),
+                s.label.unwrap_or_default()
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn run_restore(
+    config_path: &Path,
+    target: &str,
+    snapshot: &str,
+    newdir: &Path,
+    opts: &StoreOpts,
+) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let newdir = absolute(newdir)?;
+    let store = open_store(target, opts, false)?;
+    // Checked before anything is fetched, and again by the restore.
+    check_destination(&newdir)?;
+    let cfg = load_kms_config(config_path)?;
+    let kms = kms_access(&cfg)?;
+    let manifest = kmsfs_snapshot::fetch_manifest(&store, snapshot).await?;
+    let header_bytes = base64::engine::general_purpose::STANDARD
+        .decode(&manifest.head.header)
+        .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: header is not base64: {e}"))?;
+    let hdr = UnverifiedHeader::parse(&header_bytes)
+        .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: header: {e}"))?;
+    let Unlocked { header, keys, .. } = unlock(&kms, &newdir, hdr)
+        .await
+        .with_context(|| format!("cannot unlock the header of snapshot {snapshot}"))?;
+    let fs_uuid = uuid_string(&header.uuid);
+    if !fs_uuid.eq_ignore_ascii_case(&manifest.head.fs_uuid) {
+        anyhow::bail!(
+            "{target}: snapshot {snapshot}: the manifest names filesystem {} but carries the header of {fs_uuid}",
+            manifest.head.fs_uuid
+        );
+    }
+    let verified = manifest
+        .verify(keys.snapshot_manifest_key())
+        .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: {e}"))?;
+    let stats = kmsfs_snapshot::restore(
+        store.clone(),
+        verified,
+        &newdir,
+        CONCURRENCY,
+        progress(opts.json),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "restore of {snapshot} into {} failed; the directory is incomplete (it has no \
+             kmsfs.header, so it cannot be mounted): remove it before trying again",
+            newdir.display()
+        )
+    })?;
+    // The restored filesystem is this host's now: register it with the key
+    // check value of the key the KMS just unwrapped (so `kmsfs list`,
+    // `rewrap --all` know it and a mount here refuses a replaced header).
+    let reg_path = registry_path(config_path);
+    let kcv = KeyCheck::of(&keys);
+    let registered = Registry::load(&reg_path).and_then(|mut reg| {
+        reg.add(RegistryEntry {
+            path: newdir.clone(),
+            uuid: fs_uuid.clone(),
+            kcv: Some(kcv),
+        });
+        reg.save(&reg_path)
+    });
+    if let Err(e) = registered {
+        eprintln!(
+            "kmsfs: warning: restored but not registered in {}: {e:#} (mount with -o kcv={kcv})",
+            reg_path.display()
+        );
+    }
+    if opts.json {
+        let mut v = serde_json::to_value(&stats).context("cannot encode JSON")?;
+        v["path"] = json!(newdir);
+        v["fs_uuid"] = json!(fs_uuid);
+        return print_json(&v);
+    }
+    println!(
+        "restored {snapshot} into {} ({} files, {} bytes, filesystem {fs_uuid})",
+        newdir.display(),
+        stats.files,
+        stats.bytes
+    );
+    Ok(())
+}
+
+/// NEWDIR must be missing or an empty directory (nothing is created yet).
+fn check_destination(newdir: &Path) -> anyhow::Result<()> {
+    match std::fs::read_dir(newdir) {
+        Ok(mut it) => {
+            if it.next().is_some() {
+                anyhow::bail!(
+                    "{} is not empty: restore into a new or empty directory",
+                    newdir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot use {}", newdir.display())),
+    }
+}
+
+async fn run_delete(target: &str, snapshot: &str, opts: &StoreOpts) -> anyhow::Result<()> {
+    let store = open_store(target, opts, false)?;
+    let stats = kmsfs_snapshot::delete(&store, snapshot).await?;
+    if opts.json {
+        return print_json(&serde_json::to_value(&stats).context("cannot encode JSON")?);
+    }
+    println!(
+        "deleted {snapshot}: {} objects removed, {} kept for other snapshots",
+        stats.objects_deleted, stats.objects_kept
+    );
+    Ok(())
+}
+
+/// A bar on a terminal; plain lines on stderr otherwise (none with
+/// `--json`, whose stdout is for machines but whose stderr may be a log).
+fn progress(json: bool) -> Arc<dyn Progress> {
+    if std::io::stderr().is_terminal() {
+        Arc::new(Bar::default())
+    } else if json {
+        Arc::new(NoProgress)
+    } else {
+        Arc::new(Lines::default())
+    }
+}
+
+#[derive(Default)]
+struct Bar(Mutex<Option<indicatif::ProgressBar>>);
+
+impl Progress for Bar {
+    fn phase(&self, name: &str, total: Option<u64>) {
+        let b = match total {
+            Some(t) => indicatif::ProgressBar::new(t),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        let tpl = if total.is_some() {
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}"
+        } else {
+            "{msg} {spinner} {bytes} {bytes_per_sec}"
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(tpl) {
+            b.set_style(style);
+        }
+        b.set_message(name.to_string());
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(b);
+        }
+    }
+    fn inc(&self, bytes: u64) {
+        if let Ok(g) = self.0.lock() {
+            if let Some(b) = g.as_ref() {
+                b.inc(bytes);
+            }
+        }
+    }
+    fn done(&self) {
+        if let Ok(mut g) = self.0.lock() {
+            if let Some(b) = g.take() {
+                b.finish();
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Lines(Mutex<(String, u64)>);
+
+impl Progress for Lines {
+    fn phase(&self, name: &str, _total: Option<u64>) {
+        eprintln!("kmsfs: snapshot: {name}");
+        if let Ok(mut g) = self.0.lock() {
+            *g = (name.to_string(), 0);
+        }
+    }
+    fn inc(&self, bytes: u64) {
+        if let Ok(mut g) = self.0.lock() {
+            g.1 += bytes;
+        }
+    }
+    fn done(&self) {
+        if let Ok(g) = self.0.lock() {
+            eprintln!("kmsfs: snapshot: {}: done, {} bytes", g.0, g.1);
+        }
+    }
+}
