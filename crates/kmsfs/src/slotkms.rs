@@ -280,4 +280,30 @@ mod tests {
         assert_eq!(reach(&c, &k), Reach::OtherType);
         assert!(try_order(&c, &[k]).is_empty());
     }
+
+    #[test]
+    fn a_kmip_configuration_tries_only_kmip_slots_best_match_first() {
+        let kmip = |label: &str, addr: &str, uid: &str| KeySlot {
+            label: label.into(),
+            created: 0,
+            kms: SlotKms::Kmip(kmsfs_core::header::KmipSlot {
+                addresses: vec![addr.into()],
+                key_id: uid.into(),
+                wrapped: "w".into(),
+            }),
+        };
+        let slots = vec![
+            slot("vault", "kmip-1:5696", "7", "transit"),
+            kmip("other-server", "kmip-9:5696", "8"),
+            kmip("old-key", "kmip-1:5696", "6"),
+            kmip("primary", "KMIP-1:5696", "7"),
+        ];
+        let mut c = cfg("kmip-1:5696", "7");
+        c.kind = KmsKind::Kmip;
+        assert_eq!(reach(&c, &slots[0]), Reach::OtherType);
+        assert_eq!(reach(&c, &slots[1]), Reach::OtherVault);
+        assert_eq!(reach(&c, &slots[2]), Reach::SameKms);
+        assert_eq!(reach(&c, &slots[3]), Reach::Exact);
+        assert_eq!(try_order(&c, &slots), vec![3, 2, 1]);
+    }
 }
