@@ -193,31 +193,45 @@ pub struct Unlocked {
     pub slot: usize,
 }
 
-/// Unwraps one Transit slot through `access`; the master key it holds.
+/// Unwraps one key slot through `access`; the master key it holds. A slot
+/// of the other KMS type is skipped. A KMIP slot is always given the
+/// filesystem UUID as context: the KMIP client binds it only for AES-GCM
+/// blobs (which `create` and `slot add` always wrap with it), never for CBC.
 pub async fn unwrap_slot(
     access: &KmsAccess,
     slot: &KeySlot,
     uuid: &[u8; 16],
 ) -> Result<MasterKey, SlotFailure> {
-    let SlotKms::Vault(v) = &slot.kms else {
-        return Err(SlotFailure::Skipped(format!(
-            "a {} slot; this configuration is for vault",
-            slot.kms_type().as_str()
-        )));
+    let kind = access.config().kind;
+    let secret = match (&slot.kms, access.kmip()) {
+        (SlotKms::Vault(v), None) => {
+            let client = access.client_for_slot(v).map_err(SlotFailure::Kms)?;
+            let ctx = slot_context(v.uses_context, uuid);
+            client
+                .unwrap(&v.key_name, &v.wrapped_key, ctx)
+                .await
+                .map_err(SlotFailure::Kms)?
+        }
+        (SlotKms::Kmip(k), Some(client)) => client
+            .unwrap(&k.key_id, &k.wrapped, Some(uuid.as_slice()))
+            .await
+            .map_err(SlotFailure::Kms)?,
+        _ => {
+            return Err(SlotFailure::Skipped(format!(
+                "a {} slot; this configuration is for {}",
+                slot.kms_type().as_str(),
+                kind.as_str()
+            )))
+        }
     };
-    let client = access.client_for_slot(v).map_err(SlotFailure::Kms)?;
-    let ctx = slot_context(v.uses_context, uuid);
-    let secret = client
-        .unwrap(&v.key_name, &v.wrapped_key, ctx)
-        .await
-        .map_err(SlotFailure::Kms)?;
     MasterKey::from_secret(secret)
         .map_err(|e| SlotFailure::Header(format!("unwrapped to an invalid master key: {e}")))
 }
 
 /// Unlocks a filesystem: asks the configured KMS to unwrap the slots it can
 /// reach, best match first ([`slotkms::try_order`]), passing the filesystem
-/// UUID as the Transit context when the slot says the key is derived;
+/// UUID as the context (Transit: when the slot says the key is derived;
+/// KMIP: bound only by AES-GCM blobs);
 /// derives the filesystem keys and verifies the header MAC. The first slot
 /// that yields a key under which the header authenticates wins. Only the
 /// returned [`Header`] is trusted.
@@ -282,8 +296,9 @@ pub async fn unlock(
                 index: i,
                 slot: slotkms::describe(i, slot),
                 failure: SlotFailure::Skipped(format!(
-                    "a {} slot; this configuration is for vault",
-                    slot.kms_type().as_str()
+                    "a {} slot; this configuration is for {}",
+                    slot.kms_type().as_str(),
+                    access.config().kind.as_str()
                 )),
             });
         }

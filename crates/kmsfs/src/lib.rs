@@ -39,4 +39,5 @@ pub mod mount_checks;
 pub mod mount_options;
 pub mod registry;
 pub mod slotkms;
+pub mod slotwrap;
 pub mod timefmt;

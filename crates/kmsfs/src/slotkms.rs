@@ -8,11 +8,15 @@
 //! Slots are tried best match first ([`Reach`]); the slot's own Transit
 //! mount and namespace are used, so a slot written through another mount of
 //! the same KMS is still reachable.
+//!
+//! A KMIP configuration reaches KMIP slots the same way: through its own
+//! addresses and client certificate, matched by address and key Unique
+//! Identifier. A configuration never opens a slot of the other KMS type.
 
 use std::sync::{Arc, Mutex};
 
-use kmsfs_core::header::{KeySlot, SlotKms, VaultSlot};
-use kmsfs_keystore::{KmsConfig, KmsError, KmsKind, VaultClient};
+use kmsfs_core::header::{KeySlot, KmipSlot, SlotKms, VaultSlot};
+use kmsfs_keystore::{KmipClient, KmsConfig, KmsError, KmsKind, VaultClient};
 
 /// How well a slot matches a configuration, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -25,7 +29,8 @@ pub enum Reach {
     /// Same mount, namespace and key name, but no address in common (the
     /// configuration's addresses changed since the slot was written).
     SameKey,
-    /// Another Transit slot: tried last, through this configuration's KMS.
+    /// Another slot of the configuration's KMS type (another Transit mount
+    /// or KMIP server): tried last, through this configuration's KMS.
     OtherVault,
     /// A slot of another KMS type: this configuration cannot open it.
     OtherType,
@@ -47,15 +52,29 @@ fn same_mount(cfg: &KmsConfig, v: &VaultSlot) -> bool {
         && cfg.namespace == v.namespace
 }
 
+/// How a KMIP slot matches a KMIP configuration. The slot holds the key's
+/// Unique Identifier; a configured `name:NAME` key matches no identifier
+/// here (it is resolved only by asking the server), so such slots rank by
+/// address alone.
+fn kmip_reach(cfg: &KmsConfig, k: &KmipSlot) -> Reach {
+    let addr = shares_address(cfg, &k.addresses);
+    let key = k.key_id == cfg.key_name;
+    match (addr, key) {
+        (true, true) => Reach::Exact,
+        (true, false) => Reach::SameKms,
+        (false, true) => Reach::SameKey,
+        (false, false) => Reach::OtherVault,
+    }
+}
+
 /// How `slot` matches `cfg`.
 pub fn reach(cfg: &KmsConfig, slot: &KeySlot) -> Reach {
-    let SlotKms::Vault(v) = &slot.kms else {
-        return Reach::OtherType;
+    // A configuration for one kind of KMS never opens a slot of the other.
+    let v = match (&slot.kms, cfg.kind) {
+        (SlotKms::Vault(v), KmsKind::Vault) => v,
+        (SlotKms::Kmip(k), KmsKind::Kmip) => return kmip_reach(cfg, k),
+        _ => return Reach::OtherType,
     };
-    // A configuration for another kind of KMS never opens a Transit slot.
-    if !matches!(cfg.kind, KmsKind::Vault) {
-        return Reach::OtherType;
-    }
     let addr = shares_address(cfg, &v.addresses);
     let mount = same_mount(cfg, v);
     let key = v.key_name == cfg.key_name;
@@ -105,11 +124,13 @@ pub fn describe(index: usize, slot: &KeySlot) -> String {
     }
 }
 
-/// The configured KMS, with one client per Transit mount and namespace
-/// that the slots use (built on first use, kept for retries).
+/// The configured KMS: for Vault, one client per Transit mount and
+/// namespace that the slots use (built on first use, kept for retries);
+/// for KMIP, the one KMIP client.
 pub struct KmsAccess {
     cfg: KmsConfig,
     clients: Mutex<Vec<MountClient>>,
+    kmip: Option<KmipClient>,
 }
 
 /// A client for one Transit mount path and namespace.
@@ -125,8 +146,16 @@ impl std::fmt::Debug for KmsAccess {
 
 impl KmsAccess {
     /// Builds the client for the configuration itself (reading the token
-    /// file, so a bad one fails here, before any slot is tried).
+    /// file, or the KMIP certificates and key, so a bad one fails here,
+    /// before any slot is tried).
     pub fn new(cfg: &KmsConfig) -> Result<Self, KmsError> {
+        if cfg.kind == KmsKind::Kmip {
+            return Ok(KmsAccess {
+                cfg: cfg.clone(),
+                clients: Mutex::new(Vec::new()),
+                kmip: Some(KmipClient::new(cfg)?),
+            });
+        }
         let base = VaultClient::new(cfg)?;
         Ok(KmsAccess {
             cfg: cfg.clone(),
@@ -135,7 +164,13 @@ impl KmsAccess {
                 cfg.namespace.clone(),
                 Arc::new(base),
             )]),
+            kmip: None,
         })
+    }
+
+    /// The KMIP client, when the configuration is of type `kmip`.
+    pub fn kmip(&self) -> Option<&KmipClient> {
+        self.kmip.as_ref()
     }
 
     /// The configuration.
@@ -143,10 +178,11 @@ impl KmsAccess {
         &self.cfg
     }
 
-    /// The client for the configuration's own mount and namespace.
-    pub fn base(&self) -> Arc<VaultClient> {
+    /// The Transit client for the configuration's own mount and namespace
+    /// (none for a KMIP configuration).
+    pub fn base(&self) -> Option<Arc<VaultClient>> {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(&clients[0].2)
+        clients.first().map(|c| Arc::clone(&c.2))
     }
 
     /// A client for `transit_path` / `namespace` through this
@@ -156,6 +192,11 @@ impl KmsAccess {
         transit_path: &str,
         namespace: Option<&str>,
     ) -> Result<Arc<VaultClient>, KmsError> {
+        if self.cfg.kind != KmsKind::Vault {
+            return Err(KmsError::Config {
+                detail: "a KMIP configuration cannot open a Vault Transit slot".into(),
+            });
+        }
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, _, c)) = clients
             .iter()
@@ -238,5 +279,31 @@ mod tests {
         let c = cfg("https://p:8200", "kmsfs");
         assert_eq!(reach(&c, &k), Reach::OtherType);
         assert!(try_order(&c, &[k]).is_empty());
+    }
+
+    #[test]
+    fn a_kmip_configuration_tries_only_kmip_slots_best_match_first() {
+        let kmip = |label: &str, addr: &str, uid: &str| KeySlot {
+            label: label.into(),
+            created: 0,
+            kms: SlotKms::Kmip(kmsfs_core::header::KmipSlot {
+                addresses: vec![addr.into()],
+                key_id: uid.into(),
+                wrapped: "w".into(),
+            }),
+        };
+        let slots = vec![
+            slot("vault", "kmip-1:5696", "7", "transit"),
+            kmip("other-server", "kmip-9:5696", "8"),
+            kmip("old-key", "kmip-1:5696", "6"),
+            kmip("primary", "KMIP-1:5696", "7"),
+        ];
+        let mut c = cfg("kmip-1:5696", "7");
+        c.kind = KmsKind::Kmip;
+        assert_eq!(reach(&c, &slots[0]), Reach::OtherType);
+        assert_eq!(reach(&c, &slots[1]), Reach::OtherVault);
+        assert_eq!(reach(&c, &slots[2]), Reach::SameKms);
+        assert_eq!(reach(&c, &slots[3]), Reach::Exact);
+        assert_eq!(try_order(&c, &slots), vec![3, 2, 1]);
     }
 }

@@ -4,17 +4,17 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kmsfs_core::header::{Header, KeySlot, SlotKms, VaultSlot, HEADER_FILE_NAME};
+use kmsfs_core::header::{Header, KeySlot, SlotKms, HEADER_FILE_NAME};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 use kmsfs_core::layout::{self, DIR_IV_NAME};
-use kmsfs_core::secret::SecretBytes;
 use std::os::fd::AsFd;
 
-use crate::commands::{absolute, client, runtime, uuid_string};
-use crate::fsheader::{header_path, slot_context, write_header};
+use crate::commands::{absolute, kms_access, runtime, uuid_string};
+use crate::fsheader::{header_path, write_header};
 use crate::keycheck::KeyCheck;
 use crate::kmsconfig::{load_kms_config, registry_path};
 use crate::registry::{Entry, Registry};
+use crate::slotwrap::wrap_new_slot;
 use crate::timefmt::now_secs;
 
 /// Label of the slot `create` writes.
@@ -25,8 +25,9 @@ pub const PRIMARY_LABEL: &str = "primary";
 pub struct CreateArgs {
     /// The backing directory: must be empty or not exist (its parent must).
     pub cipherdir: PathBuf,
-    /// Transit key to wrap the master key with (default: `key_name` from the
-    /// KMS configuration). kmsfs never creates KMS keys.
+    /// KMS key to wrap the master key with: a Transit key name, or a KMIP
+    /// Unique Identifier or `name:NAME` (default: `key_name` from the KMS
+    /// configuration). kmsfs never creates KMS keys.
     #[arg(long, value_name = "NAME")]
     pub kms_key: Option<String>,
 }
@@ -88,38 +89,41 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
     let existed = check_target(&dir)?;
     let cfg = load_kms_config(config_path)?;
     let key_name = args.kms_key.clone().unwrap_or_else(|| cfg.key_name.clone());
-    let client = client(&cfg)?;
+    let access = kms_access(&cfg)?;
     let rt = runtime()?;
 
     // Everything that talks to the KMS happens before anything is written.
     let uuid = *uuid::Uuid::new_v4().as_bytes();
     let master = MasterKey::generate().context("cannot generate the master key")?;
-    let (wrapped, derived) = rt
-        .block_on(async {
-            let info = client.read_key(&key_name).await?;
-            let ctx = slot_context(info.derived, &uuid);
-            let secret = SecretBytes::from_slice(master.expose());
-            let wrapped = client.wrap(&key_name, &secret, ctx).await?;
-            // Prove the wrapped key comes back before relying on it.
-            let back = client.unwrap(&key_name, &wrapped.ciphertext, ctx).await?;
-            if back != secret {
-                return Err(kmsfs_keystore::KmsError::Protocol {
-                    path: format!("transit/decrypt/{key_name}"),
-                    detail: "the unwrapped key differs from the wrapped one".into(),
-                });
-            }
-            Ok((wrapped, info.derived))
-        })
-        .with_context(|| {
-            format!(
-                "cannot create {}: wrapping the master key with KMS key '{key_name}' at {} failed",
-                dir.display(),
-                cfg.addresses.join(", ")
-            )
-        })?;
+    let fail = || {
+        format!(
+            "cannot create {}: wrapping the master key with KMS key '{key_name}' at {} failed",
+            dir.display(),
+            cfg.addresses.join(", ")
+        )
+    };
+    let new_slot = rt
+        .block_on(wrap_new_slot(&access, &key_name, &master, &uuid))
+        .with_context(fail)?;
+    // The wrapped key was unwrapped again: prove it is the master key
+    // before relying on it.
+    if new_slot.back != master {
+        return Err(anyhow::anyhow!(
+            "the KMS unwrapped the new key slot to a different key"
+        ))
+        .with_context(fail);
+    }
     let keys = FsKeys::derive(&master, &uuid);
     let kcv = KeyCheck::of(&keys);
-    let version = wrapped.key_version;
+    let key_desc = match &new_slot.kms {
+        SlotKms::Vault(v) => format!(
+            "KMS key '{}' version {}{}",
+            v.key_name,
+            v.key_version,
+            if v.uses_context { ", derived" } else { "" }
+        ),
+        SlotKms::Kmip(k) => format!("KMIP key '{}'", k.key_id),
+    };
     let header = Header {
         features: 0,
         uuid,
@@ -127,15 +131,7 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
         slots: vec![KeySlot {
             label: PRIMARY_LABEL.into(),
             created: now_secs(),
-            kms: SlotKms::Vault(VaultSlot {
-                addresses: cfg.addresses.clone(),
-                transit_path: cfg.transit_path.clone(),
-                namespace: cfg.namespace.clone(),
-                key_name: key_name.clone(),
-                key_version: wrapped.key_version,
-                uses_context: derived,
-                wrapped_key: wrapped.ciphertext,
-            }),
+            kms: new_slot.kms,
         }],
     };
     let bytes = header
@@ -178,12 +174,7 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
             reg_path.display()
         );
     }
-    eprintln!(
-        "created kmsfs filesystem in {} (KMS key '{key_name}' version {}{})",
-        abs.display(),
-        version,
-        if derived { ", derived" } else { "" }
-    );
+    eprintln!("created kmsfs filesystem in {} ({key_desc})", abs.display());
     eprintln!(
         "key check value: {kcv} (not secret; on hosts that mount it without having created it, \
          add -o kcv={kcv} so that a replaced kmsfs.header is refused)"

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kmsfs_core::header::{Header, SlotKms, UnverifiedHeader, VaultSlot};
+use kmsfs_core::header::{Header, KmipSlot, SlotKms, UnverifiedHeader, VaultSlot};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 
 use crate::commands::{absolute, kms_access, runtime};
@@ -13,6 +13,7 @@ use crate::header_update::{replace_header, HeaderLock};
 use crate::kmsconfig::{load_kms_config, registry_path};
 use crate::registry::Registry;
 use crate::slotkms::KmsAccess;
+use crate::slotwrap::{wrap_new_slot, NewSlot};
 
 /// Arguments of `kmsfs rewrap`.
 #[derive(Debug, clap::Args)]
@@ -23,8 +24,10 @@ pub struct RewrapArgs {
     /// Rewrap every registered filesystem.
     #[arg(long, conflicts_with = "cipherdirs")]
     pub all: bool,
-    /// Move to this Transit key instead of the newest version of the
-    /// current one (the key must exist).
+    /// Move to this key instead of the newest version of the current one
+    /// (the key must exist): a Transit key name, or for KMIP slots a
+    /// Unique Identifier or `name:NAME` (KMIP keys have no versions, so a
+    /// KMIP slot changes only with this option).
     #[arg(long, value_name = "NAME")]
     pub new_key: Option<String>,
     /// Rewrap only this slot (label or index); default: every slot the
@@ -69,7 +72,10 @@ impl SlotReport {
         let head = format!("slot {} '{}'", self.index, self.label);
         match &self.outcome {
             SlotOutcome::Rewrapped { old, new } => {
-                format!("{head}: {} v{} -> {} v{}", old.0, old.1, new.0, new.1)
+                format!("{head}: {} -> {}", key_version(old), key_version(new))
+            }
+            SlotOutcome::Current((k, 0)) => {
+                format!("{head}: {k} (already wrapped by this key, unchanged)")
             }
             SlotOutcome::Current((k, v)) => {
                 format!("{head}: {k} v{v} -> {k} v{v} (already the newest version, unchanged)")
@@ -79,6 +85,15 @@ impl SlotReport {
             }
             SlotOutcome::Failed(why) => format!("{head}: FAILED: {why}"),
         }
+    }
+}
+
+/// `KEY vN`, or just `KEY` for version 0 (a KMIP key, which has none).
+fn key_version((k, v): &(String, u32)) -> String {
+    if *v == 0 {
+        k.clone()
+    } else {
+        format!("{k} v{v}")
     }
 }
 
@@ -194,6 +209,40 @@ async fn rewrap_slot(
     }))
 }
 
+/// Moves one reachable KMIP slot to `new_key` (a Unique Identifier or
+/// `name:NAME`): KMIP keys have no versions and servers no rewrap, so the
+/// master key (already unwrapped with the slot's key) is wrapped again
+/// with the new key and unwrapped once more to prove it. Without
+/// `new_key`, or when it names the slot's own key, the slot is current.
+async fn rewrap_kmip_slot(
+    access: &KmsAccess,
+    slot: &KmipSlot,
+    uuid: &[u8; 16],
+    master: &MasterKey,
+    new_key: Option<&str>,
+) -> anyhow::Result<Option<KmipSlot>> {
+    let Some(to) = new_key else {
+        return Ok(None);
+    };
+    if to == slot.key_id {
+        return Ok(None);
+    }
+    let NewSlot { kms, back } = wrap_new_slot(access, to, master, uuid)
+        .await
+        .with_context(|| format!("wrapping with KMIP key '{to}' failed"))?;
+    if &back != master {
+        anyhow::bail!("the rewrapped key does not unwrap to the filesystem's master key");
+    }
+    let SlotKms::Kmip(new) = kms else {
+        anyhow::bail!("the configured KMS is not a KMIP server");
+    };
+    // A `name:NAME` that resolves to the slot's own key changes nothing.
+    if new.key_id == slot.key_id {
+        return Ok(None);
+    }
+    Ok(Some(new))
+}
+
 /// Rewraps every slot of the filesystem in `dir` that this configuration's
 /// KMS opens (or only `only`, a label or index), and reports each slot.
 /// Slots of other KMSes are left as they are. The header on disk is
@@ -243,7 +292,21 @@ pub async fn rewrap_one(
         let slot = &header.slots[i];
         let outcome = match (&slot.kms, &reach[i]) {
             (_, Err(why)) => SlotOutcome::NotReached(why.clone()),
-            (SlotKms::Kmip(_), Ok(())) => SlotOutcome::NotReached("a kmip slot".into()),
+            (SlotKms::Kmip(k), Ok(())) => {
+                match rewrap_kmip_slot(access, k, &header.uuid, &master, new_key).await {
+                    Ok(Some(nk)) => {
+                        let o = SlotOutcome::Rewrapped {
+                            old: (k.key_id.clone(), 0),
+                            new: (nk.key_id.clone(), 0),
+                        };
+                        new_header.slots[i].kms = SlotKms::Kmip(nk);
+                        changed = true;
+                        o
+                    }
+                    Ok(None) => SlotOutcome::Current((k.key_id.clone(), 0)),
+                    Err(e) => SlotOutcome::Failed(format!("{e:#}")),
+                }
+            }
             (SlotKms::Vault(v), Ok(())) => {
                 match rewrap_slot(access, v, &header.uuid, &master, new_key).await {
                     Ok(Some(nv)) => {

@@ -14,19 +14,19 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kmsfs_core::header::{Header, KeySlot, SlotKms, VaultSlot, MAX_SLOTS};
-use kmsfs_core::keys::{FsKeys, MasterKey};
-use kmsfs_core::secret::SecretBytes;
+use kmsfs_core::header::{Header, KeySlot, SlotKms, MAX_SLOTS};
+use kmsfs_core::keys::FsKeys;
 use kmsfs_core::slots::validate_label;
-use kmsfs_keystore::KmsConfig;
+use kmsfs_keystore::{KmsConfig, KmsKind};
 use serde_json::json;
 
 use crate::commands::rewrap::{probe_slots, select_slot};
 use crate::commands::{absolute, kms_access, print_json, runtime, uuid_string};
-use crate::fsheader::{read_header, read_header_bytes, slot_context, unlock, Unlocked};
+use crate::fsheader::{read_header, read_header_bytes, unlock, Unlocked};
 use crate::header_update::{replace_header, HeaderLock};
 use crate::kmsconfig::load_kms_config;
 use crate::slotkms::{self, shares_address};
+use crate::slotwrap::{wrap_new_slot, NewSlot};
 use crate::timefmt::{now_secs, rfc3339_utc};
 
 /// Arguments of `kmsfs slot`.
@@ -237,37 +237,38 @@ fn run_add(config_path: &Path, a: AddArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    if let Some((i, s)) = header.slots.iter().enumerate().find(|(_, s)| {
-        s.vault().is_some_and(|v| {
-            v.key_name == new_cfg.key_name
+    if let Some((i, s)) = header.slots.iter().enumerate().find(|(_, s)| match &s.kms {
+        SlotKms::Vault(v) => {
+            new_cfg.kind == KmsKind::Vault
+                && v.key_name == new_cfg.key_name
                 && v.transit_path == new_cfg.transit_path
                 && v.namespace == new_cfg.namespace
                 && shares_address(&new_cfg, &v.addresses)
-        })
+        }
+        SlotKms::Kmip(k) => {
+            new_cfg.kind == KmsKind::Kmip
+                && k.key_id == new_cfg.key_name
+                && shares_address(&new_cfg, &k.addresses)
+        }
     }) {
+        let hint = match &s.kms {
+            SlotKms::Vault(_) => format!(
+                "; `kmsfs rewrap {} --slot {}` moves it to the key's newest version",
+                dir.display(),
+                s.label
+            ),
+            SlotKms::Kmip(_) => String::new(),
+        };
         anyhow::bail!(
-            "{}: {} already wraps the master key with this KMS key; \
-             `kmsfs rewrap {} --slot {}` moves it to the key's newest version",
+            "{}: {} already wraps the master key with this KMS key{hint}",
             dir.display(),
             slotkms::describe(i, s),
-            dir.display(),
-            s.label
         );
     }
     let uuid = header.uuid;
-    let client = new_access.base();
     let key_name = new_cfg.key_name.clone();
-    let (wrapped, derived, back) = rt
-        .block_on(async {
-            let info = client.read_key(&key_name).await?;
-            let ctx = slot_context(info.derived, &uuid);
-            let wrapped = client
-                .wrap(&key_name, &SecretBytes::from_slice(master.expose()), ctx)
-                .await?;
-            // Verify: the new slot unwraps, through the new KMS, to this key.
-            let back = client.unwrap(&key_name, &wrapped.ciphertext, ctx).await?;
-            Ok::<_, kmsfs_keystore::KmsError>((wrapped, info.derived, back))
-        })
+    let NewSlot { kms, back } = rt
+        .block_on(wrap_new_slot(&new_access, &key_name, &master, &uuid))
         .with_context(|| {
             format!(
                 "cannot add a slot to {}: wrapping the master key with KMS key '{key_name}' at {} failed; header unchanged",
@@ -275,8 +276,7 @@ fn run_add(config_path: &Path, a: AddArgs) -> anyhow::Result<()> {
                 new_cfg.addresses.join(", ")
             )
         })?;
-    let back = MasterKey::from_secret(back)
-        .map_err(|e| anyhow::anyhow!("the new slot unwraps to an invalid key: {e}"))?;
+    // Verify: the new slot unwraps, through the new KMS, to this key.
     if back != master {
         anyhow::bail!(
             "the new slot does not unwrap to {}'s master key; header unchanged",
@@ -286,15 +286,7 @@ fn run_add(config_path: &Path, a: AddArgs) -> anyhow::Result<()> {
     let slot = KeySlot {
         label: label.clone(),
         created: now_secs(),
-        kms: SlotKms::Vault(VaultSlot {
-            addresses: new_cfg.addresses.clone(),
-            transit_path: new_cfg.transit_path.clone(),
-            namespace: new_cfg.namespace.clone(),
-            key_name: key_name.clone(),
-            key_version: wrapped.key_version,
-            uses_context: derived,
-            wrapped_key: wrapped.ciphertext,
-        }),
+        kms,
     };
     let mut new_header = header.clone();
     new_header.slots.push(slot);

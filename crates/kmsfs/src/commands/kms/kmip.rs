@@ -10,8 +10,13 @@ use serde_json::json;
 
 use super::{abs_opt, Checks, SetArgs, Status};
 use crate::commands::{print_json, runtime};
+use crate::fsheader::{read_header, unwrap_slot};
+use crate::kmsconfig::registry_path;
 use crate::kmsconfig::ConfigSource;
+use crate::registry::Registry;
+use crate::slotkms::{self, KmsAccess, Reach};
 use crate::timefmt::{now_secs, rfc3339_utc};
+use kmsfs_core::keys::FsKeys;
 
 /// Certificates expiring within this many days are a WARN in `kms check`.
 const EXPIRY_WARN_DAYS: i64 = 30;
@@ -217,8 +222,9 @@ fn expiry_check(c: &mut Checks, name: &str, what: &str, path: &Path) {
     }
 }
 
-/// Every `kms check` item of a KMIP configuration.
-pub(super) fn checks(cfg: &KmsConfig, c: &mut Checks) {
+/// Every `kms check` item of a KMIP configuration; `config_path` locates
+/// the registry of filesystems whose KMIP slots are tried.
+pub(super) fn checks(cfg: &KmsConfig, config_path: &Path, c: &mut Checks) {
     if cfg.addresses.len() == 1 {
         c.add(
             Status::Warn,
@@ -358,5 +364,80 @@ pub(super) fn checks(cfg: &KmsConfig, c: &mut Checks) {
                 Err(e) => c.add(Status::Fail, "probe", e.to_string()),
             }
         }
+        filesystem_checks(cfg, config_path, c).await;
     });
+}
+
+/// Per registered filesystem, per KMIP slot this configuration reaches:
+/// does the server unwrap it to a key under which the header
+/// authenticates? (One Decrypt per slot: cheap.) A slot that cannot be
+/// opened is a FAIL when it is the filesystem's only slot, else a WARN.
+async fn filesystem_checks(cfg: &KmsConfig, config_path: &Path, c: &mut Checks) {
+    let reg_path = registry_path(config_path);
+    let reg = match Registry::load(&reg_path) {
+        Ok(r) => r,
+        Err(e) => {
+            c.add(Status::Warn, "registry", format!("{e:#}"));
+            return;
+        }
+    };
+    if reg.is_empty() {
+        return;
+    }
+    let access = match KmsAccess::new(cfg) {
+        Ok(a) => a,
+        Err(e) => {
+            c.add(Status::Fail, "credentials", e.to_string());
+            return;
+        }
+    };
+    for e in &reg.filesystems {
+        let hdr = match read_header(&e.path) {
+            Ok(h) => h,
+            Err(err) => {
+                c.add(Status::Warn, "filesystem", format!("{err:#}"));
+                continue;
+            }
+        };
+        let dir = e.path.display();
+        let uuid = hdr.unverified().uuid;
+        let slots = hdr.unverified().slots.clone();
+        for (i, slot) in slots.iter().enumerate() {
+            let name = format!("{dir}: {}", slotkms::describe(i, slot));
+            if slotkms::reach(cfg, slot) == Reach::OtherType {
+                c.add(
+                    Status::Ok,
+                    "filesystem",
+                    format!("{name}: not this KMS: check it with that KMS's configuration"),
+                );
+                continue;
+            }
+            let failure = match unwrap_slot(&access, slot, &uuid).await {
+                Ok(master) => {
+                    let keys = FsKeys::derive(&master, &uuid);
+                    match hdr.clone().verify(&keys) {
+                        Ok(_) => {
+                            c.add(Status::Ok, "filesystem", format!("{name}: opens"));
+                            continue;
+                        }
+                        Err(err) => format!("the header does not authenticate with its key: {err}"),
+                    }
+                }
+                Err(f) => f.to_string(),
+            };
+            let (status, rest) = if slots.len() == 1 {
+                (
+                    Status::Fail,
+                    " (its only slot: the filesystem cannot be unlocked)",
+                )
+            } else {
+                (Status::Warn, "")
+            };
+            c.add(
+                status,
+                "filesystem",
+                format!("{name}: CANNOT be opened{rest}: {failure}"),
+            );
+        }
+    }
 }

@@ -388,7 +388,7 @@ pub fn collect_checks_with(config_path: &Path, plans: &Plans) -> Vec<Check> {
     };
     c.add(Status::Ok, "config", format!("from {source}"));
     if cfg.kind == KmsKind::Kmip {
-        kmip::checks(&cfg, &mut c);
+        kmip::checks(&cfg, config_path, &mut c);
         return c.0;
     }
     for a in &cfg.addresses {
