@@ -150,13 +150,19 @@ impl VaultClient {
             detail: format!("cannot build the HTTPS client: {}", error_chain(&e)),
         })?;
 
-        Ok(VaultClient {
-            http,
-            addresses: config
+        // Without a token of its own, kmsfs talks to the agent named by
+        // VAULT_AGENT_ADDR, which adds its auto-auth token to each request.
+        let addresses = match (&credentials, crate::vault::auth::agent_address()) {
+            (Credentials::Agent, Some(agent)) => vec![agent],
+            _ => config
                 .addresses
                 .iter()
                 .map(|a| a.trim_end_matches('/').to_string())
                 .collect(),
+        };
+        Ok(VaultClient {
+            http,
+            addresses,
             namespace: config.namespace.clone().filter(|n| !n.is_empty()),
             transit_path: config.transit_path.trim_matches('/').to_string(),
             key_name: config.key_name.clone(),
@@ -196,14 +202,26 @@ impl VaultClient {
         loop {
             let token = self.current_token().await?;
             let reply = self
-                .send(method.clone(), path, body, Some(&token), true)
+                .send(method.clone(), path, body, token.as_ref(), true)
                 .await?;
             if reply.status == 403 {
-                if self.credentials.can_login() && !relogged_in {
-                    tracing::info!(path, "KMS refused the request (403); logging in again");
-                    self.invalidate_token(&token).await;
+                if !relogged_in && self.credentials.can_login() {
                     relogged_in = true;
-                    continue;
+                    if let Credentials::TokenFile(_) = &self.credentials {
+                        // The file may have been rotated since it was read
+                        // (an agent renewing its sink): try the new token.
+                        if self.current_token().await.ok().flatten() != token {
+                            tracing::info!(
+                                path,
+                                "KMS refused the request (403); the token file changed, retrying"
+                            );
+                            continue;
+                        }
+                    } else if let Some(t) = &token {
+                        tracing::info!(path, "KMS refused the request (403); logging in again");
+                        self.invalidate_token(t).await;
+                        continue;
+                    }
                 }
                 let errs = api_errors(&reply.body);
                 // Vault answers 403 both for a dead token and for a policy
@@ -211,7 +229,7 @@ impl VaultClient {
                 // itself up is the former.
                 if path != LOOKUP_SELF
                     && self
-                        .send(Method::GET, LOOKUP_SELF, None, Some(&token), true)
+                        .send(Method::GET, LOOKUP_SELF, None, token.as_ref(), true)
                         .await
                         .map(|r| r.status == 403)
                         .unwrap_or(false)
