@@ -145,3 +145,36 @@ async fn a_token_file_that_never_appears_fails_after_the_timeout() {
     assert!(run.stderr.contains("gave up"), "{}", run.stderr);
     assert!(!is_mounted(&plain));
 }
+
+/// `kms set` refuses plain http:// to another machine, saying why, unless
+/// `--allow-insecure-http`, which is saved and honoured on the next load.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_to_another_host_needs_allow_insecure_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let tf = write_token_file(dir.path(), "token", "s.placeholder").unwrap();
+    let kmsfs = kmsfs_e2e::cli::Kmsfs::new(dir.path().join("kms.toml"));
+    let args = [
+        "kms",
+        "set",
+        "vault",
+        "http://vault.example.invalid:8200",
+        "kmsfs",
+        "--token-file",
+        tf.to_str().unwrap(),
+        "--no-verify",
+    ];
+    let run = kmsfs.run_async(&args).await.failed();
+    assert!(
+        run.stderr.contains("unencrypted") && run.stderr.contains("--allow-insecure-http"),
+        "{}",
+        run.stderr
+    );
+    assert!(!dir.path().join("kms.toml").exists());
+    let mut allowed = args.to_vec();
+    allowed.push("--allow-insecure-http");
+    kmsfs.run_async(&allowed).await.ok();
+    let saved = fs::read_to_string(dir.path().join("kms.toml")).unwrap();
+    assert!(saved.contains("allow_insecure_http = true"), "{saved}");
+    let cfg = KmsConfig::load(&dir.path().join("kms.toml")).unwrap();
+    assert!(cfg.allow_insecure_http);
+}

@@ -374,19 +374,8 @@ impl VaultClient {
         if e.is_timeout() {
             return Transport::Other(format!("timed out after {} s", self.timeout.as_secs()));
         }
-        let chain = error_chain(e).to_ascii_lowercase();
         let cause = innermost_cause(e);
-        if [
-            "certificate",
-            "tls",
-            "handshake",
-            "corrupt message",
-            "invalidcontenttype",
-            "unknownissuer",
-        ]
-        .iter()
-        .any(|w| chain.contains(w))
-        {
+        if is_tls_error(e) {
             return Transport::Tls(format!(
                 "{cause} (check `ca_cert` / VAULT_CACERT and the address scheme)"
             ));
@@ -594,6 +583,29 @@ pub(crate) fn http_error(path: &str, reply: &Reply) -> KmsError {
     }
 }
 
+/// True when a rustls error is somewhere in the error's source chain
+/// (directly, or inside the `io::Error` tokio-rustls wraps it in). Decided by
+/// type, never by the text: a host named `vault-tls.corp` appears in every
+/// message about it, DNS failures included.
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps (it returns that
+        // error's source), so step into the wrapped one explicitly.
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
+}
+
 /// The deepest error in the chain: the actual reason ("Connection refused",
 /// "invalid peer certificate: UnknownIssuer") without reqwest's wrapping.
 fn innermost_cause(e: &reqwest::Error) -> String {
@@ -674,6 +686,35 @@ mod tests {
             NodeState::Unreachable(d) => assert!(d.contains("larger than"), "{d}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    /// A server that answers a TLS ClientHello with plain HTTP: a real
+    /// rustls error, classified as TLS.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn tls_failures_are_tls_by_type() {
+        let addr = serve_once(b"{}".to_vec()).replace("http://", "https://");
+        let h = client_for(&addr).node_health(&addr).await;
+        assert!(matches!(h.state, NodeState::Tls(_)), "{:?}", h.state);
+    }
+
+    /// A DNS failure for a host whose name says "tls" and "certificate"
+    /// is not a TLS error (the old text search called it one).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_host_named_tls_that_does_not_resolve_is_not_a_tls_error() {
+        let addr = "https://vault-tls-certificate-handshake.invalid:8200";
+        let h = client_for(addr).node_health(addr).await;
+        assert!(
+            matches!(h.state, NodeState::Unreachable(_)),
+            "{:?}",
+            h.state
+        );
+        let plain = "http://vault-tls.invalid:8200";
+        let h = client_for("http://127.0.0.1:1").node_health(plain).await;
+        assert!(
+            matches!(h.state, NodeState::Unreachable(_)),
+            "{:?}",
+            h.state
+        );
     }
 
     #[test]
