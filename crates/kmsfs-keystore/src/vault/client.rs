@@ -96,6 +96,7 @@ impl VaultClient {
                 ),
             });
         }
+        unsupported_tls_env(|k| std::env::var(k).ok())?;
         let timeout = Duration::from_secs(config.timeout_secs);
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
@@ -474,6 +475,52 @@ impl VaultClient {
     }
 }
 
+/// Refuses the vault CLI's TLS variables kmsfs does not implement yet, so
+/// that none is silently ignored (an operator who set VAULT_SKIP_VERIFY
+/// must not believe it applies, nor that a CA directory is trusted).
+fn unsupported_tls_env(get: impl Fn(&str) -> Option<String>) -> Result<()> {
+    for (var, fix) in [
+        (
+            "VAULT_CAPATH",
+            "concatenate the CA certificates into one PEM file and pass it with --ca-cert",
+        ),
+        (
+            "BAO_CAPATH",
+            "concatenate the CA certificates into one PEM file and pass it with --ca-cert",
+        ),
+        (
+            "VAULT_TLS_SERVER_NAME",
+            "use an address whose host name matches the server certificate",
+        ),
+        (
+            "BAO_TLS_SERVER_NAME",
+            "use an address whose host name matches the server certificate",
+        ),
+        (
+            "VAULT_SKIP_VERIFY",
+            "give the server's CA with --ca-cert instead",
+        ),
+        (
+            "BAO_SKIP_VERIFY",
+            "give the server's CA with --ca-cert instead",
+        ),
+    ] {
+        let Some(v) = get(var) else { continue };
+        let v = v.trim();
+        let off = v.is_empty()
+            || (var.ends_with("SKIP_VERIFY")
+                && ["0", "false", "f", "no"].contains(&v.to_ascii_lowercase().as_str()));
+        if !off {
+            return Err(KmsError::Config {
+                detail: format!(
+                    "{var} is set, but kmsfs does not support it (it would be ignored): unset it and {fix}"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Largest response body accepted; real answers are a few KiB.
 const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 
@@ -715,6 +762,25 @@ mod tests {
             "{:?}",
             h.state
         );
+    }
+
+    #[test]
+    fn unsupported_tls_variables_are_refused_not_ignored() {
+        assert!(unsupported_tls_env(|_| None).is_ok());
+        for (k, v) in [
+            ("VAULT_SKIP_VERIFY", "true"),
+            ("VAULT_SKIP_VERIFY", "1"),
+            ("BAO_CAPATH", "/etc/ssl/vault"),
+            ("VAULT_TLS_SERVER_NAME", "vault.corp"),
+        ] {
+            let e = unsupported_tls_env(|q| (q == k).then(|| v.to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(k) && e.contains("not support"), "{e}");
+        }
+        for v in ["", "false", "0"] {
+            assert!(unsupported_tls_env(|q| (q == "VAULT_SKIP_VERIFY").then(|| v.into())).is_ok());
+        }
     }
 
     #[test]
