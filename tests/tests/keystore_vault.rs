@@ -546,8 +546,18 @@ async fn token_file_checks() {
     );
     assert!(!msg.contains("TopSecretToken"), "{msg}");
 
+    // A missing file is waited for (an agent sink written after boot): the
+    // client builds, and each request says the file is not there yet.
     let missing = dir.path().join("missing-token");
-    let err = VaultClient::new(&token_config(addr.clone(), "k", &missing)).unwrap_err();
+    let client = VaultClient::new(&token_config(addr.clone(), "k", &missing)).unwrap();
+    let err = client
+        .wrap("k", &SecretBytes::random(32).unwrap(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, KmsError::CredentialsNotReady { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("missing-token"), "{err}");
     assert!(err.to_string().contains("not found"), "{err}");
 

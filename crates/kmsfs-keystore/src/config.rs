@@ -90,7 +90,13 @@ impl KmipCipher {
 }
 
 /// Settings that only a Vault configuration may have.
-const VAULT_ONLY: [&str; 4] = ["auth", "transit_path", "namespace", "attempts"];
+const VAULT_ONLY: [&str; 5] = [
+    "auth",
+    "transit_path",
+    "namespace",
+    "attempts",
+    "allow_insecure_http",
+];
 
 /// How to authenticate to Vault.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +136,22 @@ fn default_timeout_secs() -> u64 {
 }
 fn default_attempts() -> u32 {
     3
+}
+
+/// True when `url` names this machine: `localhost`, 127.0.0.0/8 or `::1`.
+/// Only there may plain HTTP carry a key without `allow_insecure_http`.
+fn is_loopback_url(url: &str) -> bool {
+    let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+    else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Connection settings for the KMS that wraps kmsfs master keys.
@@ -175,6 +197,10 @@ pub struct KmsConfig {
     /// KMIP only: the cipher mode to wrap with (default `auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cipher: Option<KmipCipher>,
+    /// Vault only: accept `http://` addresses that are not loopback. Over
+    /// plain HTTP the unwrapped master key itself crosses the network.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure_http: bool,
 }
 
 impl KmsConfig {
@@ -193,6 +219,7 @@ impl KmsConfig {
             timeout_secs: default_timeout_secs(),
             attempts: default_attempts(),
             cipher: None,
+            allow_insecure_http: false,
         }
     }
 
@@ -326,6 +353,14 @@ impl KmsConfig {
                     "address '{a}' must start with https:// (or http:// for a local dev server)"
                 ));
             }
+            if a.starts_with("http://") && !self.allow_insecure_http && !is_loopback_url(a) {
+                return bad(format!(
+                    "address '{a}' is plain http:// to a host that is not this machine: the \
+                     unwrapped master key would cross the network unencrypted. Use https:// \
+                     (or pass --allow-insecure-http / set allow_insecure_http = true if the \
+                     network path is otherwise protected)"
+                ));
+            }
         }
         if self.key_name.trim().is_empty() || self.key_name.contains('/') {
             return bad(format!("invalid key_name '{}'", self.key_name));
@@ -400,6 +435,7 @@ impl KmsConfig {
             || self.transit_path != default_transit_path()
             || self.attempts != default_attempts()
             || self.auth != default_auth()
+            || self.allow_insecure_http
         {
             return bad(
                 "`auth`, `transit_path`, `namespace` and `attempts` are Vault settings; a KMIP \
@@ -725,5 +761,45 @@ client_key = "/etc/kmsfs/client.key"
         assert_eq!(c.auth, AuthConfig::Token { token_file: None });
         let text = toml::to_string(&c).unwrap();
         assert!(!text.contains("s.secret"));
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_unless_allowed() {
+        let cfg = |a: &str| {
+            KmsConfig::new(
+                vec![a.to_string()],
+                "k",
+                AuthConfig::Token { token_file: None },
+            )
+        };
+        for ok in [
+            "http://127.0.0.1:8200",
+            "http://127.9.9.9:1",
+            "http://localhost:8200",
+            "http://[::1]:8200",
+            "https://vault.corp:8200",
+        ] {
+            cfg(ok).validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "http://vault.corp:8200",
+            "http://10.0.0.5:8200",
+            "http://127.0.0.1.evil.example:8200",
+            "http://[::2]:8200",
+        ] {
+            let e = cfg(bad).validate().unwrap_err().to_string();
+            assert!(
+                e.contains("unencrypted") && e.contains("--allow-insecure-http"),
+                "{bad}: {e}"
+            );
+            let mut allowed = cfg(bad);
+            allowed.allow_insecure_http = true;
+            allowed.validate().unwrap();
+        }
+        let mut c = cfg("http://vault.corp:8200");
+        c.allow_insecure_http = true;
+        let text = toml::to_string(&c.to_table().unwrap()).unwrap();
+        assert!(text.contains("allow_insecure_http = true"), "{text}");
+        assert_eq!(KmsConfig::parse(&text, "t").unwrap(), c);
     }
 }

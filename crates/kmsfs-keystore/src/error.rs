@@ -87,6 +87,16 @@ pub enum KmsError {
         detail: String,
     },
 
+    /// A token or secret-id file does not exist (yet): a Vault Agent sink
+    /// that is written after boot. Retried until the caller's deadline.
+    #[error("{}: {detail} (waiting for it, e.g. for a Vault Agent sink; check the agent if it never appears)", path.display())]
+    CredentialsNotReady {
+        /// The missing file.
+        path: PathBuf,
+        /// What reading it said.
+        detail: String,
+    },
+
     /// The KMS configuration is invalid (malformed TOML, unknown type,
     /// missing field, unreadable file).
     #[error("KMS configuration: {detail}")]
@@ -153,6 +163,14 @@ impl KmsError {
     /// True for errors worth retrying on another attempt or node.
     pub(crate) fn is_transient(&self) -> bool {
         matches!(self, KmsError::Unreachable { .. } | KmsError::Sealed { .. })
+    }
+
+    /// True when the same request may succeed later without anyone changing
+    /// the configuration: the KMS is unreachable or sealed, or a credential
+    /// file has not been written yet. Boot-time mounts retry these until
+    /// their `kms_timeout`.
+    pub fn is_retryable(&self) -> bool {
+        self.is_transient() || matches!(self, KmsError::CredentialsNotReady { .. })
     }
 }
 

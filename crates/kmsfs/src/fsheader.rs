@@ -156,7 +156,7 @@ fn summary(attempts: &[SlotAttempt]) -> String {
 
 impl UnlockError {
     /// True when trying again later may succeed: a KMS was unreachable or
-    /// sealed, and no slot failed for a reason that retrying cannot change
+    /// sealed or a credential file is not there yet, and no slot failed for a reason that retrying cannot change
     /// (a header that does not authenticate).
     pub fn is_retryable(&self) -> bool {
         let definitive = self
@@ -164,12 +164,10 @@ impl UnlockError {
             .iter()
             .any(|a| matches!(a.failure, SlotFailure::Header(_)));
         !definitive
-            && self.attempts.iter().any(|a| {
-                matches!(
-                    a.failure,
-                    SlotFailure::Kms(KmsError::Unreachable { .. } | KmsError::Sealed { .. })
-                )
-            })
+            && self
+                .attempts
+                .iter()
+                .any(|a| matches!(&a.failure, SlotFailure::Kms(e) if e.is_retryable()))
     }
 
     /// The first KMS error, when a KMS is what failed.

@@ -15,8 +15,15 @@ use crate::vault::client::{api_errors, VaultClient};
 /// The credentials a [`VaultClient`] authenticates with.
 #[derive(Debug)]
 pub enum Credentials {
-    /// A token, used as is (never renewed or re-read).
+    /// A token, used as is (from the environment or the caller).
     Token(SecretBytes),
+    /// A token file, re-read at every request: a Vault Agent sink that
+    /// appears after boot, or a token rotated in place, is picked up without
+    /// a restart.
+    TokenFile(PathBuf),
+    /// No token: the address is a Vault / OpenBao Agent API proxy with
+    /// auto-auth (`VAULT_AGENT_ADDR`), which adds the token itself.
+    Agent,
     /// AppRole: the secret id is re-read from its file at every login, so a
     /// rotated secret id is picked up.
     AppRole {
@@ -37,7 +44,17 @@ impl Credentials {
         match auth {
             AuthConfig::Token {
                 token_file: Some(p),
-            } => Ok(Credentials::Token(read_secret_file(p, true)?)),
+            } => {
+                // Checked now so a wrong mode or an empty file fails at once;
+                // a file that does not exist yet (an agent sink at boot) is
+                // waited for by the requests that need it.
+                match read_secret_file(p, true) {
+                    Err(_) if !p.exists() => {}
+                    Err(e) => return Err(e),
+                    Ok(_) => {}
+                }
+                Ok(Credentials::TokenFile(p.clone()))
+            }
             AuthConfig::Token { token_file: None } => {
                 for var in ["VAULT_TOKEN", "BAO_TOKEN"] {
                     if let Some(v) = std::env::var_os(var) {
@@ -48,8 +65,12 @@ impl Credentials {
                         }
                     }
                 }
+                if agent_address().is_some() {
+                    return Ok(Credentials::Agent);
+                }
                 Err(KmsError::AuthFailed {
-                    detail: "no token: set `auth.token_file` in the KMS configuration, or VAULT_TOKEN / BAO_TOKEN".into(),
+                    detail: "no token: set `auth.token_file` in the KMS configuration, or VAULT_TOKEN / BAO_TOKEN, \
+                             or VAULT_AGENT_ADDR for an agent with auto-auth".into(),
                 })
             }
             AuthConfig::AppRole {
@@ -66,23 +87,53 @@ impl Credentials {
 
     /// True when a fresh token can be obtained by logging in again.
     pub(crate) fn can_login(&self) -> bool {
-        matches!(self, Credentials::AppRole { .. })
+        matches!(
+            self,
+            Credentials::AppRole { .. } | Credentials::TokenFile(_)
+        )
+    }
+}
+
+/// `VAULT_AGENT_ADDR` (or `BAO_AGENT_ADDR`): the address of a local agent
+/// API proxy that replaces the configured addresses, as for the vault CLI.
+pub(crate) fn agent_address() -> Option<String> {
+    ["VAULT_AGENT_ADDR", "BAO_AGENT_ADDR"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .map(|v| v.trim().trim_end_matches('/').to_string())
+        .find(|v| !v.is_empty())
+}
+
+/// Reads a token or secret-id file for one request. A file that does not
+/// exist yet is [`KmsError::CredentialsNotReady`], which callers retry
+/// until their deadline (a Vault Agent sink written after boot).
+pub(crate) fn read_credential_file(path: &std::path::Path) -> Result<SecretBytes> {
+    match read_secret_file(path, true) {
+        Err(KmsError::SecretFile { path, detail }) if !path.exists() => {
+            Err(KmsError::CredentialsNotReady { path, detail })
+        }
+        other => other,
     }
 }
 
 impl VaultClient {
-    /// The token to use, logging in first when there is none yet.
-    pub(crate) async fn current_token(&self) -> Result<SecretBytes> {
-        let mut guard = self.token.lock().await;
-        if let Some(t) = guard.as_ref() {
-            return Ok(t.clone());
+    /// The token to use, logging in first when there is none yet; `None`
+    /// behind an agent with auto-auth. A token file is re-read every time.
+    pub(crate) async fn current_token(&self) -> Result<Option<SecretBytes>> {
+        match &self.credentials {
+            Credentials::Agent => Ok(None),
+            Credentials::TokenFile(p) => read_credential_file(p).map(Some),
+            Credentials::Token(t) => Ok(Some(t.clone())),
+            Credentials::AppRole { .. } => {
+                let mut guard = self.token.lock().await;
+                if let Some(t) = guard.as_ref() {
+                    return Ok(Some(t.clone()));
+                }
+                let fresh = self.login_approle().await?;
+                *guard = Some(fresh.clone());
+                Ok(Some(fresh))
+            }
         }
-        let fresh = match &self.credentials {
-            Credentials::Token(t) => t.clone(),
-            Credentials::AppRole { .. } => self.login_approle().await?,
-        };
-        *guard = Some(fresh.clone());
-        Ok(fresh)
     }
 
     /// Drops the cached token if it is still `stale`, so the next request
@@ -115,7 +166,7 @@ impl VaultClient {
                 detail: "not configured for AppRole".into(),
             });
         };
-        let secret_id = read_secret_file(secret_id_file, true)?;
+        let secret_id = read_credential_file(secret_id_file)?;
         let secret_id =
             std::str::from_utf8(secret_id.expose()).map_err(|_| KmsError::SecretFile {
                 path: secret_id_file.clone(),

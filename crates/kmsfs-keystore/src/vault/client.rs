@@ -96,6 +96,7 @@ impl VaultClient {
                 ),
             });
         }
+        unsupported_tls_env(|k| std::env::var(k).ok())?;
         let timeout = Duration::from_secs(config.timeout_secs);
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
@@ -150,13 +151,19 @@ impl VaultClient {
             detail: format!("cannot build the HTTPS client: {}", error_chain(&e)),
         })?;
 
-        Ok(VaultClient {
-            http,
-            addresses: config
+        // Without a token of its own, kmsfs talks to the agent named by
+        // VAULT_AGENT_ADDR, which adds its auto-auth token to each request.
+        let addresses = match (&credentials, crate::vault::auth::agent_address()) {
+            (Credentials::Agent, Some(agent)) => vec![agent],
+            _ => config
                 .addresses
                 .iter()
                 .map(|a| a.trim_end_matches('/').to_string())
                 .collect(),
+        };
+        Ok(VaultClient {
+            http,
+            addresses,
             namespace: config.namespace.clone().filter(|n| !n.is_empty()),
             transit_path: config.transit_path.trim_matches('/').to_string(),
             key_name: config.key_name.clone(),
@@ -196,14 +203,26 @@ impl VaultClient {
         loop {
             let token = self.current_token().await?;
             let reply = self
-                .send(method.clone(), path, body, Some(&token), true)
+                .send(method.clone(), path, body, token.as_ref(), true)
                 .await?;
             if reply.status == 403 {
-                if self.credentials.can_login() && !relogged_in {
-                    tracing::info!(path, "KMS refused the request (403); logging in again");
-                    self.invalidate_token(&token).await;
+                if !relogged_in && self.credentials.can_login() {
                     relogged_in = true;
-                    continue;
+                    if let Credentials::TokenFile(_) = &self.credentials {
+                        // The file may have been rotated since it was read
+                        // (an agent renewing its sink): try the new token.
+                        if self.current_token().await.ok().flatten() != token {
+                            tracing::info!(
+                                path,
+                                "KMS refused the request (403); the token file changed, retrying"
+                            );
+                            continue;
+                        }
+                    } else if let Some(t) = &token {
+                        tracing::info!(path, "KMS refused the request (403); logging in again");
+                        self.invalidate_token(t).await;
+                        continue;
+                    }
                 }
                 let errs = api_errors(&reply.body);
                 // Vault answers 403 both for a dead token and for a policy
@@ -211,7 +230,7 @@ impl VaultClient {
                 // itself up is the former.
                 if path != LOOKUP_SELF
                     && self
-                        .send(Method::GET, LOOKUP_SELF, None, Some(&token), true)
+                        .send(Method::GET, LOOKUP_SELF, None, token.as_ref(), true)
                         .await
                         .map(|r| r.status == 403)
                         .unwrap_or(false)
@@ -356,19 +375,8 @@ impl VaultClient {
         if e.is_timeout() {
             return Transport::Other(format!("timed out after {} s", self.timeout.as_secs()));
         }
-        let chain = error_chain(e).to_ascii_lowercase();
         let cause = innermost_cause(e);
-        if [
-            "certificate",
-            "tls",
-            "handshake",
-            "corrupt message",
-            "invalidcontenttype",
-            "unknownissuer",
-        ]
-        .iter()
-        .any(|w| chain.contains(w))
-        {
+        if is_tls_error(e) {
             return Transport::Tls(format!(
                 "{cause} (check `ca_cert` / VAULT_CACERT and the address scheme)"
             ));
@@ -465,6 +473,52 @@ impl VaultClient {
             cluster_name: raw.cluster_name,
         }
     }
+}
+
+/// Refuses the vault CLI's TLS variables kmsfs does not implement yet, so
+/// that none is silently ignored (an operator who set VAULT_SKIP_VERIFY
+/// must not believe it applies, nor that a CA directory is trusted).
+fn unsupported_tls_env(get: impl Fn(&str) -> Option<String>) -> Result<()> {
+    for (var, fix) in [
+        (
+            "VAULT_CAPATH",
+            "concatenate the CA certificates into one PEM file and pass it with --ca-cert",
+        ),
+        (
+            "BAO_CAPATH",
+            "concatenate the CA certificates into one PEM file and pass it with --ca-cert",
+        ),
+        (
+            "VAULT_TLS_SERVER_NAME",
+            "use an address whose host name matches the server certificate",
+        ),
+        (
+            "BAO_TLS_SERVER_NAME",
+            "use an address whose host name matches the server certificate",
+        ),
+        (
+            "VAULT_SKIP_VERIFY",
+            "give the server's CA with --ca-cert instead",
+        ),
+        (
+            "BAO_SKIP_VERIFY",
+            "give the server's CA with --ca-cert instead",
+        ),
+    ] {
+        let Some(v) = get(var) else { continue };
+        let v = v.trim();
+        let off = v.is_empty()
+            || (var.ends_with("SKIP_VERIFY")
+                && ["0", "false", "f", "no"].contains(&v.to_ascii_lowercase().as_str()));
+        if !off {
+            return Err(KmsError::Config {
+                detail: format!(
+                    "{var} is set, but kmsfs does not support it (it would be ignored): unset it and {fix}"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Largest response body accepted; real answers are a few KiB.
@@ -576,6 +630,29 @@ pub(crate) fn http_error(path: &str, reply: &Reply) -> KmsError {
     }
 }
 
+/// True when a rustls error is somewhere in the error's source chain
+/// (directly, or inside the `io::Error` tokio-rustls wraps it in). Decided by
+/// type, never by the text: a host named `vault-tls.corp` appears in every
+/// message about it, DNS failures included.
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps (it returns that
+        // error's source), so step into the wrapped one explicitly.
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
+}
+
 /// The deepest error in the chain: the actual reason ("Connection refused",
 /// "invalid peer certificate: UnknownIssuer") without reqwest's wrapping.
 fn innermost_cause(e: &reqwest::Error) -> String {
@@ -655,6 +732,54 @@ mod tests {
         match h.state {
             NodeState::Unreachable(d) => assert!(d.contains("larger than"), "{d}"),
             other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// A server that answers a TLS ClientHello with plain HTTP: a real
+    /// rustls error, classified as TLS.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn tls_failures_are_tls_by_type() {
+        let addr = serve_once(b"{}".to_vec()).replace("http://", "https://");
+        let h = client_for(&addr).node_health(&addr).await;
+        assert!(matches!(h.state, NodeState::Tls(_)), "{:?}", h.state);
+    }
+
+    /// A DNS failure for a host whose name says "tls" and "certificate"
+    /// is not a TLS error (the old text search called it one).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_host_named_tls_that_does_not_resolve_is_not_a_tls_error() {
+        let addr = "https://vault-tls-certificate-handshake.invalid:8200";
+        let h = client_for(addr).node_health(addr).await;
+        assert!(
+            matches!(h.state, NodeState::Unreachable(_)),
+            "{:?}",
+            h.state
+        );
+        let plain = "http://vault-tls.invalid:8200";
+        let h = client_for("http://127.0.0.1:1").node_health(plain).await;
+        assert!(
+            matches!(h.state, NodeState::Unreachable(_)),
+            "{:?}",
+            h.state
+        );
+    }
+
+    #[test]
+    fn unsupported_tls_variables_are_refused_not_ignored() {
+        assert!(unsupported_tls_env(|_| None).is_ok());
+        for (k, v) in [
+            ("VAULT_SKIP_VERIFY", "true"),
+            ("VAULT_SKIP_VERIFY", "1"),
+            ("BAO_CAPATH", "/etc/ssl/vault"),
+            ("VAULT_TLS_SERVER_NAME", "vault.corp"),
+        ] {
+            let e = unsupported_tls_env(|q| (q == k).then(|| v.to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(k) && e.contains("not support"), "{e}");
+        }
+        for v in ["", "false", "0"] {
+            assert!(unsupported_tls_env(|q| (q == "VAULT_SKIP_VERIFY").then(|| v.into())).is_ok());
         }
     }
 

@@ -36,6 +36,7 @@ fn config_from_args(a: &SetArgs) -> anyhow::Result<KmsConfig> {
         ("--secret-id-file", a.secret_id_file.is_some()),
         ("--namespace", a.namespace.is_some()),
         ("--transit-path", a.transit_path != "transit"),
+        ("--allow-insecure-http", a.allow_insecure_http),
         ("--auth-path", a.auth_path != "approle"),
     ];
     if let Some((flag, _)) = vault_only.iter().find(|(_, given)| *given) {

@@ -92,6 +92,10 @@ pub struct SetArgs {
     /// Save without contacting the KMS.
     #[arg(long)]
     pub no_verify: bool,
+    /// Vault only: accept a plain http:// address that is not loopback
+    /// (the unwrapped master key then crosses the network unencrypted).
+    #[arg(long)]
+    pub allow_insecure_http: bool,
 }
 
 /// Arguments of `kmsfs kms show`.
@@ -170,6 +174,7 @@ fn config_from_args(a: &SetArgs) -> anyhow::Result<KmsConfig> {
     cfg.client_cert = abs_opt(&a.client_cert)?;
     cfg.client_key = abs_opt(&a.client_key)?;
     cfg.timeout_secs = a.timeout;
+    cfg.allow_insecure_http = a.allow_insecure_http;
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("invalid KMS settings: {e}"))?;
     Ok(cfg)
