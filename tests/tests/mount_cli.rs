@@ -195,6 +195,11 @@ async fn two_filesystems_mounted_at_once() {
     fs::write(p2.join("same-name"), b"second").unwrap();
     assert_eq!(fs::read(p1.join("same-name")).unwrap(), b"first");
     assert_eq!(fs::read(p2.join("same-name")).unwrap(), b"second");
+    // Each mount gets its own 1 MiB readahead window (the kernel's default
+    // for FUSE is 128 KiB).
+    for p in [&p1, &p2] {
+        assert_eq!(readahead_kb(p), 1024, "readahead of {}", p.display());
+    }
     // Mounting twice on the same place is refused.
     env.mount(&c1, &p1, &[]).await.failed();
     for p in [&p1, &p2] {
@@ -347,6 +352,18 @@ const UNIT: usize = 4096;
 const UNITS: u64 = 64;
 
 /// A unit's contents: its index and a version, repeated.
+/// The kernel's readahead window for the filesystem mounted at `mp`.
+fn readahead_kb(mp: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(mp).unwrap().dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    fs::read_to_string(&path).unwrap().trim().parse().unwrap()
+}
+
 fn unit_bytes(idx: u64, version: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(UNIT);
     while v.len() < UNIT {

@@ -407,6 +407,7 @@ impl FileContents {
                 wanted: FILE_HEADER_LEN + read_to,
             });
         }
+        let mut crypter = cipher.crypter(false).map_err(KeyError::from)?;
         let mut pos = first;
         while pos < last_end {
             let (s, e, idx) = unit_bounds(self.size, pos);
@@ -423,8 +424,8 @@ impl FileContents {
                 continue;
             }
             if s >= off && e <= end {
-                cipher
-                    .decrypt_unit(inside, u128::from(idx))
+                crypter
+                    .unit(inside, u128::from(idx))
                     .map_err(KeyError::from)?;
                 continue;
             }
@@ -436,8 +437,8 @@ impl FileContents {
                 unit[..before.len()].copy_from_slice(before);
                 unit[skip..skip + inside.len()].copy_from_slice(inside);
                 unit[skip + inside.len()..].copy_from_slice(after);
-                cipher
-                    .decrypt_unit(unit, u128::from(idx))
+                crypter
+                    .unit(unit, u128::from(idx))
                     .map_err(KeyError::from)?;
                 inside.copy_from_slice(&unit[skip..skip + inside.len()]);
                 continue;
@@ -446,8 +447,8 @@ impl FileContents {
             // `after` hold exactly their parts outside `buf`.
             let first_block = ((a & !15) - s) / 16;
             if before.is_empty() && inside.len() % 16 == 0 {
-                cipher
-                    .decrypt_blocks(inside, u128::from(idx), first_block)
+                crypter
+                    .blocks(inside, u128::from(idx), first_block)
                     .map_err(KeyError::from)?;
                 continue;
             }
@@ -457,8 +458,8 @@ impl FileContents {
             blocks[..before.len()].copy_from_slice(before);
             blocks[before.len()..before.len() + inside.len()].copy_from_slice(inside);
             blocks[before.len() + inside.len()..].copy_from_slice(after);
-            cipher
-                .decrypt_blocks(blocks, u128::from(idx), first_block)
+            crypter
+                .blocks(blocks, u128::from(idx), first_block)
                 .map_err(KeyError::from)?;
             inside.copy_from_slice(&blocks[before.len()..before.len() + inside.len()]);
         }
@@ -536,12 +537,13 @@ impl FileContents {
             }
         }
         let mut ct = data.to_vec();
+        let mut crypter = cipher.crypter(true).map_err(KeyError::from)?;
         let mut pos = off;
         while pos < end {
             let (s, e, idx) = unit_bounds(self.size, pos);
             let b = e.min(end);
-            cipher
-                .encrypt_blocks(
+            crypter
+                .blocks(
                     &mut ct[(pos - off) as usize..(b - off) as usize],
                     u128::from(idx),
                     (pos - s) / 16,
@@ -753,6 +755,7 @@ impl FileContents {
                 });
             }
         }
+        let mut crypter = cipher.crypter(true).map_err(KeyError::from)?;
         for &(ua, ub) in &merged {
             let lead = match header {
                 Some(nonce) if ua == 0 => encode_file_header(&nonce).to_vec(),
@@ -785,8 +788,8 @@ impl FileContents {
             let mut pos = ua;
             while pos < ub {
                 let (s, e, idx) = unit_bounds(new_size, pos);
-                cipher
-                    .encrypt_unit(
+                crypter
+                    .unit(
                         &mut buf[(s - ua) as usize..(e - ua) as usize],
                         u128::from(idx),
                     )

@@ -5,9 +5,17 @@
 //! are computed first, XORed into the buffer, the whole run goes through
 //! `aes`'s multi-block path (eight blocks in flight), and the tweaks are
 //! XORed again. The output is byte-identical to the standard.
+//!
+//! Whole data units, the bulk of every read and write, go through
+//! libcrypto's AES-256-XTS instead ([`UnitCrypter`]): its VAES code runs
+//! about 1.5 times as fast as the `aes` crate on the project machine. The
+//! code above stays for what libcrypto cannot do (blocks starting inside a
+//! unit, the tweak PRF) and as the reference the two are tested against.
 
 use aes::cipher::{generic_array::GenericArray, BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
+use openssl::cipher::Cipher;
+use openssl::cipher_ctx::CipherCtx;
 
 /// Blocks processed per batch: large enough to keep the pipeline full,
 /// small enough that the tweak array stays in L1.
@@ -17,14 +25,64 @@ const BATCH: usize = 64;
 const GF_128_FDBK: u128 = 0x87;
 
 /// An AES-256-XTS key pair (data key and tweak key), expanded once.
-#[derive(Clone)]
 pub struct Xts256 {
     data: Aes256,
     tweak: Aes256,
+    evp: EvpTemplates,
+}
+
+/// libcrypto contexts keyed once, one per direction. A context carries the
+/// state of one operation and is not shared between threads, so each run
+/// of units works on a copy ([`Xts256::crypter`]); copying skips the key
+/// expansion. libcrypto wipes a context's key schedule when it frees it.
+struct EvpTemplates {
+    enc: CipherCtx,
+    dec: CipherCtx,
+}
+
+impl EvpTemplates {
+    fn new(key: &[u8; 64]) -> Result<Self, XtsError> {
+        let cipher = Cipher::aes_256_xts();
+        let mut enc = CipherCtx::new().map_err(backend)?;
+        enc.encrypt_init(Some(cipher), Some(key), None)
+            .map_err(backend)?;
+        let mut dec = CipherCtx::new().map_err(backend)?;
+        dec.decrypt_init(Some(cipher), Some(key), None)
+            .map_err(backend)?;
+        Ok(EvpTemplates { enc, dec })
+    }
+
+    fn duplicate(&self) -> Result<Self, XtsError> {
+        let mut enc = CipherCtx::new().map_err(backend)?;
+        enc.copy(&self.enc).map_err(backend)?;
+        let mut dec = CipherCtx::new().map_err(backend)?;
+        dec.copy(&self.dec).map_err(backend)?;
+        Ok(EvpTemplates { enc, dec })
+    }
+}
+
+fn backend(e: openssl::error::ErrorStack) -> XtsError {
+    // libcrypto's error strings name the function and reason, never data.
+    XtsError::Backend(e.to_string())
+}
+
+impl Clone for Xts256 {
+    fn clone(&self) -> Self {
+        Xts256 {
+            data: self.data.clone(),
+            tweak: self.tweak.clone(),
+            // Copying a keyed context only fails when libcrypto cannot
+            // allocate, which aborts a Rust program as well.
+            evp: self
+                .evp
+                .duplicate()
+                .unwrap_or_else(|e| panic!("cannot copy an AES-XTS context: {e}")),
+        }
+    }
 }
 
 /// Why an XTS operation was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum XtsError {
     /// XTS cannot process fewer than 16 bytes as a data unit.
     #[error("XTS data unit of {0} bytes is shorter than one 16-byte block")]
@@ -35,6 +93,9 @@ pub enum XtsError {
     /// A 64-byte key whose halves are equal, which IEEE 1619 forbids.
     #[error("XTS key halves are identical")]
     WeakKey,
+    /// libcrypto refused an operation (its error text; never key material).
+    #[error("AES-XTS in libcrypto failed: {0}")]
+    Backend(String),
 }
 
 impl Xts256 {
@@ -47,6 +108,26 @@ impl Xts256 {
         Ok(Xts256 {
             data: Aes256::new(GenericArray::from_slice(k1)),
             tweak: Aes256::new(GenericArray::from_slice(k2)),
+            evp: EvpTemplates::new(key)?,
+        })
+    }
+
+    /// A crypter for a run of units in one direction: whole units go
+    /// through libcrypto, byte-identical to [`Xts256::encrypt_unit`] and
+    /// [`Xts256::decrypt_unit`]. Costs one context copy; reuse it for
+    /// every unit of a request.
+    pub fn crypter(&self, encrypt: bool) -> Result<UnitCrypter<'_>, XtsError> {
+        let mut ctx = CipherCtx::new().map_err(backend)?;
+        ctx.copy(if encrypt {
+            &self.evp.enc
+        } else {
+            &self.evp.dec
+        })
+        .map_err(backend)?;
+        Ok(UnitCrypter {
+            xts: self,
+            ctx,
+            encrypt,
         })
     }
 
@@ -184,6 +265,51 @@ impl Xts256 {
             }
         }
         t
+    }
+}
+
+/// Encrypts or decrypts the units of one request (see [`Xts256::crypter`]).
+pub struct UnitCrypter<'a> {
+    xts: &'a Xts256,
+    ctx: CipherCtx,
+    encrypt: bool,
+}
+
+impl UnitCrypter<'_> {
+    /// Processes one whole data unit in place under unit number `unit`.
+    pub fn unit(&mut self, buf: &mut [u8], unit: u128) -> Result<(), XtsError> {
+        let len = buf.len();
+        if len < 16 {
+            return Err(XtsError::UnitTooShort(len));
+        }
+        // The IEEE 1619 data-unit number, little-endian, is the XTS IV.
+        let iv = unit.to_le_bytes();
+        if self.encrypt {
+            self.ctx.encrypt_init(None, None, Some(&iv))
+        } else {
+            self.ctx.decrypt_init(None, None, Some(&iv))
+        }
+        .map_err(backend)?;
+        let n = self.ctx.cipher_update_inplace(buf, len).map_err(backend)?;
+        if n != len {
+            return Err(XtsError::Backend(format!(
+                "AES-XTS returned {n} of {len} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Processes whole blocks `first_block..` of unit `unit` in place, as
+    /// [`Xts256::encrypt_blocks`] / [`Xts256::decrypt_blocks`] do. A run
+    /// from the unit's first block is a unit of its own to XTS (no
+    /// stealing: whole blocks), so libcrypto takes it; later starts need
+    /// the tweak advanced, which only the batched code here can do.
+    pub fn blocks(&mut self, buf: &mut [u8], unit: u128, first_block: u64) -> Result<(), XtsError> {
+        if first_block == 0 && !buf.is_empty() && buf.len() % 16 == 0 {
+            return self.unit(buf, unit);
+        }
+        self.xts
+            .process_blocks(buf, unit, first_block, self.encrypt)
     }
 }
 

@@ -264,7 +264,10 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        reply_data(reply, self.read_file(ino.0, offset, size));
+        self.read_file(ino.0, offset, size, |r| match r {
+            Ok(d) => reply.data(d),
+            Err(e) => reply.error(e),
+        });
     }
 
     fn write(

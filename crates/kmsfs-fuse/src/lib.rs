@@ -57,6 +57,26 @@ impl Mounted {
         self.fs_type
     }
 
+    /// Sets the kernel's readahead window for this mount to `kb` KiB (the
+    /// mount's `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`). The kernel caps
+    /// a FUSE mount's window at 128 KiB, whatever `max_readahead` the
+    /// daemon offers, so a sequential read arrives as 128 KiB requests one
+    /// after another; a larger window lets it send `max_pages` (1 MiB)
+    /// requests and keep more than one in flight (docs/performance.md).
+    /// Needs root, as every write under /sys does; call it once the mount
+    /// answers (it stats the mount point).
+    pub fn set_readahead(&self, kb: u32) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(&self.mountpoint)?.dev();
+        let path = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        );
+        std::fs::write(&path, format!("{kb}\n"))
+            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+    }
+
     /// Waits until the filesystem is unmounted and the daemon threads end.
     pub fn join(mut self) -> io::Result<()> {
         match self.session.take() {
@@ -99,6 +119,11 @@ fn unmount(mountpoint: &Path, flags: i32) -> io::Result<()> {
     }
     Err(e)
 }
+
+/// The readahead window kmsfs asks for its mounts, in KiB
+/// ([`Mounted::set_readahead`]): one `max_pages` request (1 MiB) in flight
+/// while the next is decrypted. Measured in docs/performance.md.
+pub const READAHEAD_KB: u32 = 1024;
 
 /// Mounts `cipherdir` at `mountpoint` as type `fuse.kmsfs` and serves it on
 /// background threads. Returns once the mount is live.

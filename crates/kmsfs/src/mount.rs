@@ -173,6 +173,11 @@ fn serve(
     // filesystem is usable.
     std::fs::metadata(&mountpoint)
         .with_context(|| format!("the new mount at {} does not answer", mountpoint.display()))?;
+    // Without it the kernel reads a FUSE file 128 KiB at a time. Only
+    // speed depends on it, so a failure (no /sys, not root) is logged.
+    if let Err(e) = session.set_readahead(kmsfs_fuse::READAHEAD_KB) {
+        info!("readahead left at the kernel's default: {e}");
+    }
     info!(
         "mounted {} on {}",
         cipherdir.display(),
