@@ -407,7 +407,7 @@ impl FileContents {
                 wanted: FILE_HEADER_LEN + read_to,
             });
         }
-        let mut crypter = cipher.crypter(false).map_err(KeyError::from)?;
+        let mut crypter = cipher.crypter(false);
         let mut pos = first;
         while pos < last_end {
             let (s, e, idx) = unit_bounds(self.size, pos);
@@ -537,7 +537,7 @@ impl FileContents {
             }
         }
         let mut ct = data.to_vec();
-        let mut crypter = cipher.crypter(true).map_err(KeyError::from)?;
+        let mut crypter = cipher.crypter(true);
         let mut pos = off;
         while pos < end {
             let (s, e, idx) = unit_bounds(self.size, pos);
@@ -755,7 +755,7 @@ impl FileContents {
                 });
             }
         }
-        let mut crypter = cipher.crypter(true).map_err(KeyError::from)?;
+        let mut crypter = cipher.crypter(true);
         for &(ua, ub) in &merged {
             let lead = match header {
                 Some(nonce) if ua == 0 => encode_file_header(&nonce).to_vec(),

@@ -114,9 +114,17 @@ impl Xts256 {
 
     /// A crypter for a run of units in one direction: whole units go
     /// through libcrypto, byte-identical to [`Xts256::encrypt_unit`] and
-    /// [`Xts256::decrypt_unit`]. Costs one context copy; reuse it for
-    /// every unit of a request.
-    pub fn crypter(&self, encrypt: bool) -> Result<UnitCrypter<'_>, XtsError> {
+    /// [`Xts256::decrypt_unit`]. The first unit long enough for libcrypto
+    /// costs a context copy; reuse the crypter for every unit of a request.
+    pub fn crypter(&self, encrypt: bool) -> UnitCrypter<'_> {
+        UnitCrypter {
+            xts: self,
+            ctx: None,
+            encrypt,
+        }
+    }
+
+    fn evp_context(&self, encrypt: bool) -> Result<CipherCtx, XtsError> {
         let mut ctx = CipherCtx::new().map_err(backend)?;
         ctx.copy(if encrypt {
             &self.evp.enc
@@ -124,11 +132,7 @@ impl Xts256 {
             &self.evp.dec
         })
         .map_err(backend)?;
-        Ok(UnitCrypter {
-            xts: self,
-            ctx,
-            encrypt,
-        })
+        Ok(ctx)
     }
 
     /// Encrypts one data unit in place under the 128-bit unit number `unit`.
@@ -271,26 +275,42 @@ impl Xts256 {
 /// Encrypts or decrypts the units of one request (see [`Xts256::crypter`]).
 pub struct UnitCrypter<'a> {
     xts: &'a Xts256,
-    ctx: CipherCtx,
+    /// Copied from the keyed template on first use: a request that only
+    /// touches a few blocks (a random 4 KiB read) never pays for it.
+    ctx: Option<CipherCtx>,
     encrypt: bool,
 }
+
+/// Below this many bytes the batched `aes` code is faster than setting an
+/// IV in a libcrypto context.
+const LIBCRYPTO_MIN: usize = 256;
 
 impl UnitCrypter<'_> {
     /// Processes one whole data unit in place under unit number `unit`.
     pub fn unit(&mut self, buf: &mut [u8], unit: u128) -> Result<(), XtsError> {
         let len = buf.len();
-        if len < 16 {
-            return Err(XtsError::UnitTooShort(len));
+        if len < LIBCRYPTO_MIN {
+            return if self.encrypt {
+                self.xts.encrypt_unit(buf, unit)
+            } else {
+                self.xts.decrypt_unit(buf, unit)
+            };
         }
+        if self.ctx.is_none() {
+            self.ctx = Some(self.xts.evp_context(self.encrypt)?);
+        }
+        let Some(ctx) = self.ctx.as_mut() else {
+            return Err(XtsError::Backend("no AES-XTS context".into()));
+        };
         // The IEEE 1619 data-unit number, little-endian, is the XTS IV.
         let iv = unit.to_le_bytes();
         if self.encrypt {
-            self.ctx.encrypt_init(None, None, Some(&iv))
+            ctx.encrypt_init(None, None, Some(&iv))
         } else {
-            self.ctx.decrypt_init(None, None, Some(&iv))
+            ctx.decrypt_init(None, None, Some(&iv))
         }
         .map_err(backend)?;
-        let n = self.ctx.cipher_update_inplace(buf, len).map_err(backend)?;
+        let n = ctx.cipher_update_inplace(buf, len).map_err(backend)?;
         if n != len {
             return Err(XtsError::Backend(format!(
                 "AES-XTS returned {n} of {len} bytes"
