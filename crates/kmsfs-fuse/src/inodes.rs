@@ -26,6 +26,9 @@ use std::sync::{Arc, OnceLock};
 /// The FUSE root inode number.
 pub const ROOT_INO: u64 = 1;
 
+/// Node tables smaller than this are never shrunk (a few hundred KiB).
+const SHRINK_ABOVE: usize = 16 * 1024;
+
 /// First FUSE number of the synthetic range (see [`Inodes`]); backing
 /// filesystems do not hand out inode numbers this high.
 const SYNTHETIC_BASE: u64 = 1 << 62;
@@ -383,8 +386,21 @@ impl Inodes {
                     self.drop_alias(node.backing_ino, ino);
                 }
             }
+            // After the kernel forgets most of a large tree (memory
+            // pressure, drop_caches), give the memory back: the table
+            // keeps its capacity otherwise, and the allocator its freed
+            // pages. Shrinking to twice the size leaves the next shrink a
+            // quarter of the way down, so the cost stays amortised.
+            let shrink = map.capacity() > SHRINK_ABOVE && map.len() < map.capacity() / 8;
+            if shrink {
+                let keep = map.len() * 2;
+                map.shrink_to(keep);
+            }
             drop(map);
             self.fds.lock().pop(&ino);
+            if shrink {
+                sys::release_free_memory();
+            }
         }
     }
 

@@ -398,3 +398,15 @@ pub fn try_lock(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on a live descriptor.
     check(unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) }).map(drop)
 }
+
+/// Returns the allocator's free pages to the kernel (glibc `malloc_trim`),
+/// so that the daemon's RSS falls after the kernel forgets many inodes.
+/// Elsewhere the allocator keeps them; nothing depends on it.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it
+    // takes no pointers and is thread-safe (it locks each arena).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
