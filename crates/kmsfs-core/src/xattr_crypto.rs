@@ -163,7 +163,9 @@ fn value_ad(id: &XattrId, backing: &str) -> Vec<u8> {
 }
 
 fn gcm(keys: &FsKeys) -> Aes256Gcm {
-    Aes256Gcm::new(aes_gcm::Key::<Aes256Gcm>::from_slice(keys.xattr_values_key()))
+    Aes256Gcm::new(aes_gcm::Key::<Aes256Gcm>::from_slice(
+        keys.xattr_values_key(),
+    ))
 }
 
 /// Encrypts `name` = `value` for the inode with id `id`; returns the backing
@@ -257,7 +259,10 @@ mod tests {
         assert_eq!(cut.len(), MAX_PARTS);
         assert!(cut.iter().all(|p| p.len() <= BACKING_PART_MAX));
         assert_eq!(classify(&part_name(&backing, 1)), BackingXattr::Part);
-        assert_eq!(open(&k, &id, &backing, &cut.concat()).unwrap(), (name, value));
+        assert_eq!(
+            open(&k, &id, &backing, &cut.concat()).unwrap(),
+            (name, value)
+        );
         // An empty value is a value.
         let (b, r) = seal(&k, &id, b"user.e", b"").unwrap();
         assert_eq!(open(&k, &id, &b, &r).unwrap().1, b"");
