@@ -176,6 +176,18 @@ pub fn seal(
     name: &[u8],
     value: &[u8],
 ) -> Result<(String, Vec<u8>), XattrError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|_| XattrError::Random)?;
+    seal_with_nonce(keys, id, name, value, &nonce)
+}
+
+fn seal_with_nonce(
+    keys: &FsKeys,
+    id: &XattrId,
+    name: &[u8],
+    value: &[u8],
+    nonce: &[u8; NONCE_LEN],
+) -> Result<(String, Vec<u8>), XattrError> {
     let backing = backing_name(keys, id, name)?;
     if value.len() > MAX_XATTR_VALUE_LEN {
         return Err(XattrError::ValueTooLarge);
@@ -184,12 +196,10 @@ pub fn seal(
     plain.push(name.len() as u8);
     plain.extend_from_slice(name);
     plain.extend_from_slice(value);
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::fill(&mut nonce).map_err(|_| XattrError::Random)?;
     let ad = value_ad(id, &backing);
     let ct = gcm(keys)
         .encrypt(
-            Nonce::from_slice(&nonce),
+            Nonce::from_slice(nonce),
             Payload {
                 msg: &plain,
                 aad: &ad,
@@ -197,7 +207,7 @@ pub fn seal(
         )
         .map_err(|_| XattrError::ValueTooLarge)?;
     let mut record = Vec::with_capacity(NONCE_LEN + ct.len());
-    record.extend_from_slice(&nonce);
+    record.extend_from_slice(nonce);
     record.extend_from_slice(&ct);
     Ok((backing, record))
 }
@@ -302,6 +312,38 @@ mod tests {
             open(&keys(), &a, &backing, &record),
             Err(XattrError::Tampered)
         );
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// The example docs/format.md section 8 gives: the worked example's
+    /// master key (00 01 .. 1f) and UUID, attribute id 00 01 .. 0f,
+    /// `user.test` = `kmsfs` under the nonce twelve `cc` bytes.
+    #[test]
+    fn worked_example() {
+        let master: Vec<u8> = (0u8..32).collect();
+        let m = MasterKey::from_secret(crate::secret::SecretBytes::new(master)).unwrap();
+        let uuid = [
+            0x6b, 0x6d, 0x73, 0x66, 0x73, 0x2d, 0x40, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x01,
+        ];
+        let k = FsKeys::derive(&m, &uuid);
+        let id: XattrId = core::array::from_fn(|i| i as u8);
+        let (name, record) = seal_with_nonce(&k, &id, b"user.test", b"kmsfs", &[0xcc; 12]).unwrap();
+        println!("{name}\n{}", hex(&record));
+        let doc = include_str!("../../../docs/format.md");
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "backing name {name} not in docs/format.md"
+        );
+        assert!(
+            doc.contains(&hex(&record)),
+            "record {} not in docs/format.md",
+            hex(&record)
+        );
+        assert_eq!(open(&k, &id, &name, &record).unwrap().1, b"kmsfs");
     }
 
     #[test]
