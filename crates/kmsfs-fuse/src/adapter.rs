@@ -473,9 +473,10 @@ impl Filesystem for KmsFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        // Permission checks are the kernel's: with `allow_other` the mount
-        // uses default_permissions; without it only the mounting user (and
-        // root) can reach the mount at all.
+        // Permission checks are the kernel's: `FUSE_POSIX_ACL` (and
+        // `allow_other`) turn on default_permissions, and without
+        // `allow_other` only the mounting user (and root) can reach the
+        // mount at all.
         reply.ok();
     }
 
