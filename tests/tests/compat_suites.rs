@@ -74,11 +74,22 @@ fn pjdfstest_passes() {
     let work = m.plain.join("pjd");
     fs::create_dir(&work).unwrap();
     fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    // A directory on another filesystem (the temporary directory's), for
+    // the EXDEV tests of rename and link.
+    let secondary = m._tmp.path().join("secondary");
+    fs::create_dir(&secondary).unwrap();
+    fs::set_permissions(
+        &secondary,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let out = Command::new(tool("pjdfstest"))
         .arg("-c")
         .arg(&conf)
         .arg("-p")
         .arg(&work)
+        .arg("-s")
+        .arg(&secondary)
         .output()
         .expect("pjdfstest is installed by scripts/setup");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -86,6 +86,14 @@ impl Env {
         write(plain.join("empty"), b"");
         write(plain.join("mid.bin"), &rng.bytes(MID_LEN));
         write(plain.join("big.bin"), &rng.bytes(BIG_LEN));
+        for (n, v) in [("user.note", "kept"), ("user.other", "also kept")] {
+            let st = Command::new("setfattr")
+                .args(["-n", n, "-v", v])
+                .arg(plain.join("mid.bin"))
+                .status()
+                .unwrap();
+            assert!(st.success(), "setfattr");
+        }
         mkfifo(&plain.join("fifo"));
         let sub = plain.join("sub");
         fs::create_dir_all(sub.join("deeper")).unwrap();
@@ -152,6 +160,37 @@ impl Env {
         assert_eq!(v["counts"]["left"], problems.len() - repaired, "{v:#}");
         v
     }
+}
+
+/// The backing attribute names of `p`.
+fn xattr_names(p: &Path) -> Vec<String> {
+    let out = Command::new("getfattr")
+        .args(["-d", "-m", "-", "--absolute-names"])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(n, _)| n.to_string()))
+        .collect()
+}
+
+fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    let (c, n) = (
+        CString::new(p.as_os_str().as_bytes()).unwrap(),
+        CString::new(name).unwrap(),
+    );
+    // SAFETY: valid C strings and a value valid for its length.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
 }
 
 fn mkfifo(p: &Path) {
@@ -380,6 +419,26 @@ async fn fsck_reports_each_kind_of_damage_by_path() {
     fs::rename(&t.mid, &bad_name).unwrap();
     let v = env.fsck_json(&c, &[], LEFT).await;
     only(&v, "name", &bad_name, None);
+
+    // An extended attribute's record moved under another attribute's
+    // backing name: reported for the file, by both paths.
+    let c = env.copy();
+    let t = tree(&c);
+    let names: Vec<String> = xattr_names(&t.mid)
+        .into_iter()
+        .filter(|n| n.starts_with("user.kmsfs.x."))
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let other = Command::new("getfattr")
+        .args(["--only-values", "-n", &names[1]])
+        .arg(&t.mid)
+        .output()
+        .unwrap()
+        .stdout;
+    set_xattr(&t.mid, &names[0], &other);
+    let v = env.fsck_json(&c, &[], LEFT).await;
+    let p = only(&v, "xattr", &t.mid, Some("/mid.bin"));
+    assert!(p["detail"].as_str().unwrap().contains(&names[0]), "{v:#}");
 
     // A deleted directory IV: the directory's plaintext path is known.
     let c = env.copy();

@@ -9,7 +9,9 @@
 //!        ├─ "kmsfs v1 symlinks"   → 32-byte AES-256-GCM key
 //!        ├─ "kmsfs v1 header mac" → 32-byte HMAC-SHA256 key
 //!        ├─ "kmsfs v1 key check"  → 16-byte key check value (not a key)
-//!        └─ "kmsfs v1 snapshot manifest" → 32-byte HMAC-SHA256 key of snapshot manifests
+//!        ├─ "kmsfs v1 snapshot manifest" → 32-byte HMAC-SHA256 key of snapshot manifests
+//!        ├─ "kmsfs v1 xattr names"  → 32-byte HMAC-SHA256 key (extended attribute names)
+//!        └─ "kmsfs v1 xattr values" → 32-byte AES-256-GCM key (extended attribute values)
 //! ```
 //!
 //! Salting with the UUID means two filesystems that somehow shared a master
@@ -32,6 +34,8 @@ const LABEL_SYMLINKS: &[u8] = b"kmsfs v1 symlinks";
 const LABEL_HEADER_MAC: &[u8] = b"kmsfs v1 header mac";
 const LABEL_KEY_CHECK: &[u8] = b"kmsfs v1 key check";
 const LABEL_SNAPSHOT_MANIFEST: &[u8] = b"kmsfs v1 snapshot manifest";
+const LABEL_XATTR_NAMES: &[u8] = b"kmsfs v1 xattr names";
+const LABEL_XATTR_VALUES: &[u8] = b"kmsfs v1 xattr values";
 
 /// Length of the key check value in bytes.
 pub const KEY_CHECK_LEN: usize = 16;
@@ -84,6 +88,8 @@ pub struct FsKeys {
     symlinks: SecretBytes,
     header_mac: SecretBytes,
     snapshot_manifest: SecretBytes,
+    xattr_names: SecretBytes,
+    xattr_values: SecretBytes,
     key_check: [u8; KEY_CHECK_LEN],
 }
 
@@ -104,6 +110,8 @@ impl FsKeys {
             symlinks: expand(LABEL_SYMLINKS, 32),
             header_mac: expand(LABEL_HEADER_MAC, 32),
             snapshot_manifest: expand(LABEL_SNAPSHOT_MANIFEST, 32),
+            xattr_names: expand(LABEL_XATTR_NAMES, 32),
+            xattr_values: expand(LABEL_XATTR_VALUES, 32),
             key_check: {
                 let mut kcv = [0u8; KEY_CHECK_LEN];
                 hk.expand(LABEL_KEY_CHECK, &mut kcv)
@@ -157,6 +165,16 @@ impl FsKeys {
         self.snapshot_manifest.expose()
     }
 
+    /// The 32-byte HMAC-SHA256 key that names extended attributes.
+    pub(crate) fn xattr_names_key(&self) -> &[u8] {
+        self.xattr_names.expose()
+    }
+
+    /// The 32-byte AES-256-GCM key of extended attribute values.
+    pub(crate) fn xattr_values_key(&self) -> &[u8] {
+        self.xattr_values.expose()
+    }
+
     /// The 32-byte HMAC-SHA256 key that authenticates the filesystem header.
     pub(crate) fn header_mac_key(&self) -> &[u8] {
         self.header_mac.expose()
@@ -179,6 +197,8 @@ mod tests {
             a.symlinks.expose(),
             a.header_mac.expose(),
             a.snapshot_manifest.expose(),
+            a.xattr_names.expose(),
+            a.xattr_values.expose(),
         ];
         for (i, x) in all.iter().enumerate() {
             for y in &all[i + 1..] {
@@ -216,6 +236,8 @@ mod tests {
             k.symlinks.expose(),
             k.header_mac.expose(),
             k.snapshot_manifest.expose(),
+            k.xattr_names.expose(),
+            k.xattr_values.expose(),
         ] {
             assert!(
                 !key.windows(KEY_CHECK_LEN).any(|w| w == kcv),

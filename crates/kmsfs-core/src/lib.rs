@@ -10,4 +10,5 @@ pub mod names;
 pub mod secret;
 pub mod slots;
 pub mod units;
+pub mod xattr_crypto;
 pub mod xts;

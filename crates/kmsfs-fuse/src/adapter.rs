@@ -8,8 +8,8 @@ use crate::open_files::FH_APPEND;
 use fuser::{
     Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use kmsfs_core::names::MAX_NAME_LEN;
 use std::ffi::OsStr;
@@ -66,6 +66,16 @@ fn reply_open(reply: ReplyOpen, r: Result<u64>) {
     }
 }
 
+/// A size probe (`size` 0) gets the length; a buffer too small, `ERANGE`.
+fn reply_xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>>) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn append_flag(flags: i32) -> u64 {
     if flags & libc::O_APPEND != 0 {
         FH_APPEND
@@ -93,6 +103,7 @@ impl Filesystem for KmsFs {
         if self.writeback {
             self.space.enable();
         }
+        self.negotiate_xattrs(config);
         debug!(
             "FUSE init: capabilities {:?}, writeback cache {}, file handles {}",
             config.capabilities(),
@@ -129,7 +140,7 @@ impl Filesystem for KmsFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -153,7 +164,7 @@ impl Filesystem for KmsFs {
             atime,
             mtime,
         };
-        reply_attr(reply, self.setattr(ino.0, change));
+        reply_attr(reply, self.setattr_as(caller(req), ino.0, change));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -170,10 +181,10 @@ impl Filesystem for KmsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.mknod(caller(req), parent.0, name, mode & !umask, rdev),
-        );
+        let r = self.create_inheriting(parent.0, mode, umask, false, |mode| {
+            self.mknod(caller(req), parent.0, name, mode, rdev)
+        });
+        reply_entry(reply, r);
     }
 
     fn mkdir(
@@ -185,10 +196,10 @@ impl Filesystem for KmsFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.mkdir(caller(req), parent.0, name, mode & !umask),
-        );
+        let r = self.create_inheriting(parent.0, mode, umask, true, |mode| {
+            self.mkdir(caller(req), parent.0, name, mode)
+        });
+        reply_entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -277,11 +288,16 @@ impl Filesystem for KmsFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.kill_privileges(ino.0) {
+                return reply.error(e);
+            }
+        }
         match self.write_file(ino.0, fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
@@ -434,15 +450,36 @@ impl Filesystem for KmsFs {
         }
     }
 
-    // Extended attributes are not implemented: the backing filesystem would
-    // store them in the clear. The trait's default answer, ENOSYS, makes the
-    // kernel stop asking (it then answers EOPNOTSUPP itself), which also
-    // spares every write a `security.capability` round trip.
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.setxattr(ino.0, name, value, flags));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.getxattr(ino.0, name));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.listxattr(ino.0));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.removexattr(ino.0, name));
+    }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        // Permission checks are the kernel's: with `allow_other` the mount
-        // uses default_permissions; without it only the mounting user (and
-        // root) can reach the mount at all.
+        // Permission checks are the kernel's: `FUSE_POSIX_ACL` (and
+        // `allow_other`) turn on default_permissions, and without
+        // `allow_other` only the mounting user (and root) can reach the
+        // mount at all.
         reply.ok();
     }
 
@@ -456,8 +493,10 @@ impl Filesystem for KmsFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let mode = mode & !umask & 0o7777;
-        match self.create(caller(req), parent.0, name, mode) {
+        let r = self.create_inheriting(parent.0, mode, umask, false, |mode| {
+            self.create(caller(req), parent.0, name, mode & 0o7777)
+        });
+        match r {
             Ok(attr) => reply.created(
                 &TTL,
                 &attr,

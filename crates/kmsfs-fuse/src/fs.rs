@@ -54,6 +54,8 @@ pub struct KmsFs {
     pub(crate) space: Arc<SpaceErrors>,
     pub(crate) read_only: bool,
     pub(crate) writeback: bool,
+    /// What the kernel agreed to for extended attributes and ACLs.
+    pub(crate) xattr_caps: crate::xattrs::XattrCaps,
     euid: u32,
     egid: u32,
     /// An open descriptor of the backing root holding an exclusive `flock`
@@ -108,6 +110,7 @@ impl KmsFs {
             space: Arc::new(SpaceErrors::default()),
             read_only,
             writeback,
+            xattr_caps: crate::xattrs::XattrCaps::default(),
             // SAFETY: geteuid/getegid cannot fail.
             euid: unsafe { libc::geteuid() },
             // SAFETY: as above.

@@ -3,8 +3,10 @@
 //! The driver is handed already-derived keys; it never talks to a KMS, so a
 //! KMS outage cannot disturb a live mount.
 
+mod acl;
 mod adapter;
 mod attrs;
+mod backing_xattr;
 mod entries;
 mod errors;
 mod fs;
@@ -14,9 +16,11 @@ mod listing;
 mod open_files;
 mod space;
 mod sys;
+mod xattrs;
 
 pub use fs::KmsFs;
 pub use fuser::MountOption;
+pub use xattrs::getxattr_requests;
 
 use kmsfs_core::keys::FsKeys;
 use std::io;

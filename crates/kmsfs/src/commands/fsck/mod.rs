@@ -2,15 +2,16 @@
 //! like `gocryptfs -fsck`, with the KMS but without mounting.
 //!
 //! The header is unlocked exactly as `kmsfs mount` does (its MAC verified),
-//! then every directory IV, name, long-name sidecar, symlink target and
-//! regular file (header, length, and every byte read through the contents
-//! layer) is checked. Exit codes follow fsck(8): 0 clean, 1 all problems
+//! then every directory IV, name, long-name sidecar, symlink target,
+//! extended attribute and regular file (header, length, and every byte
+//! read through the contents layer) is checked. Exit codes follow fsck(8): 0 clean, 1 all problems
 //! repaired, 4 problems left, 8 the check could not run.
 
 mod files;
 pub mod report;
 mod sys;
 mod walk;
+mod xattrs;
 
 use std::io::Write as _;
 use std::os::fd::{AsFd as _, OwnedFd};

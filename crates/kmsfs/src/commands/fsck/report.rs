@@ -33,6 +33,8 @@ pub enum ProblemKind {
     FileContents,
     /// A symlink whose stored target does not decrypt.
     Symlink,
+    /// An extended attribute (or ACL) that does not decrypt for its entry.
+    Xattr,
     /// A temporary symlink left by an interrupted rename.
     LeftoverTemp,
     /// An entry kmsfs never creates (a foreign name, a non-UTF-8 name).
@@ -53,6 +55,7 @@ impl ProblemKind {
             ProblemKind::FileHeader => "file_header",
             ProblemKind::FileContents => "file_contents",
             ProblemKind::Symlink => "symlink",
+            ProblemKind::Xattr => "xattr",
             ProblemKind::LeftoverTemp => "leftover_temp",
             ProblemKind::UnexpectedEntry => "unexpected_entry",
             ProblemKind::Io => "io",

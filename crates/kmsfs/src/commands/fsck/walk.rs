@@ -83,6 +83,7 @@ impl<'a> Walker<'a> {
             backing,
             plain: Some("/"),
         };
+        self.xattrs(backing, Some("/"));
         self.walk(&dir, true);
     }
 
@@ -240,6 +241,7 @@ impl<'a> Walker<'a> {
             ),
             Kind::Dir => match sys::open_dir(dir.fd, name) {
                 Ok(fd) => {
+                    self.xattrs(&backing, plain.as_deref());
                     let sub = Dir {
                         fd: fd.as_fd(),
                         backing: &backing,
@@ -256,7 +258,10 @@ impl<'a> Walker<'a> {
                     format!("cannot open the directory: {e}; nothing below it was checked"),
                 ),
             },
-            Kind::File => self.file(dir, name, backing, plain),
+            Kind::File => {
+                self.xattrs(&backing, plain.as_deref());
+                self.file(dir, name, backing, plain)
+            }
             Kind::Symlink => {
                 self.counts.symlinks += 1;
                 // Without the directory's IV (reported above) the target
@@ -280,6 +285,18 @@ impl<'a> Walker<'a> {
             }
             // FIFOs, sockets and devices are legal user entries.
             Kind::Special => self.counts.special += 1,
+        }
+    }
+
+    /// Checks that the entry's extended attributes decrypt (fsck/xattrs.rs).
+    fn xattrs(&self, backing: &Path, plain: Option<&str>) {
+        for detail in super::xattrs::check(self.keys, backing) {
+            self.problem(
+                ProblemKind::Xattr,
+                backing.to_path_buf(),
+                plain.map(str::to_string),
+                detail,
+            );
         }
     }
 
