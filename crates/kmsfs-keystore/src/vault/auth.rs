@@ -160,11 +160,20 @@ impl VaultClient {
     }
 
     /// Drops the cached token if it is still `stale`, so the next request
-    /// logs in again (another task may already have refreshed it).
+    /// logs in again (another task may already have refreshed it). The
+    /// token is revoked: a 403 may come from a policy, not an expiry, and
+    /// a login of ours must not be left alive.
     pub(crate) async fn invalidate_token(&self, stale: &SecretBytes) {
-        let mut guard = self.token.lock().await;
-        if guard.as_ref() == Some(stale) {
-            *guard = None;
+        let dropped = {
+            let mut guard = self.token.lock().await;
+            if guard.as_ref() == Some(stale) {
+                guard.take()
+            } else {
+                None
+            }
+        };
+        if let Some(t) = dropped {
+            self.revoke_token(t).await;
         }
     }
 

@@ -244,7 +244,13 @@ fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
     // The CA this command verifies with (--ca-cert, else VAULT_CACERT /
     // BAO_CACERT): saved next to the configuration, because a boot-time
     // mount has no VAULT_CACERT.
-    let ca_source = ca_file::ca_in_use(&cfg);
+    // (Over plain http there is no certificate to verify: nothing saved.)
+    let ca_source = cfg
+        .addresses
+        .iter()
+        .any(|a| a.starts_with("https://"))
+        .then(|| ca_file::ca_in_use(&cfg))
+        .flatten();
     if let Some(src) = &ca_source {
         cfg.ca_cert = Some(src.clone());
     }
