@@ -115,10 +115,20 @@ impl BaoServer {
         Self::start_with(true).await
     }
 
+    /// Starts a plain-HTTP dev server with Transit mounted and `hcl` as an
+    /// extra configuration file (`-config`), e.g. a TLS listener of its own.
+    pub async fn start_with_config(hcl: &str) -> Result<Self> {
+        Self::start_with_extra(false, Some(hcl)).await
+    }
+
     async fn start_with(tls: bool) -> Result<Self> {
+        Self::start_with_extra(tls, None).await
+    }
+
+    async fn start_with_extra(tls: bool, extra: Option<&str>) -> Result<Self> {
         let mut last = anyhow!("not started");
         for _ in 0..3 {
-            match Self::try_start(tls).await {
+            match Self::try_start(tls, extra).await {
                 Ok(s) => {
                     s.api(
                         "POST",
@@ -135,7 +145,7 @@ impl BaoServer {
         Err(last)
     }
 
-    async fn try_start(tls: bool) -> Result<Self> {
+    async fn try_start(tls: bool, extra: Option<&str>) -> Result<Self> {
         let port = reserve_port_pair()?;
         let dir = tempfile::tempdir()?;
         let log = fs::File::create(dir.path().join("bao.log"))?;
@@ -149,6 +159,11 @@ impl BaoServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(hcl) = extra {
+            let f = dir.path().join("extra.hcl");
+            fs::write(&f, hcl)?;
+            cmd.arg(format!("-config={}", f.display()));
+        }
         let cert_dir = dir.path().join("tls");
         if tls {
             fs::create_dir(&cert_dir)?;

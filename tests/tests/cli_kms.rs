@@ -240,7 +240,7 @@ async fn kms_set_refuses_world_readable_token_file() {
     assert!(r.stderr.contains(s(&tf)), "{}", r.stderr);
     assert!(!r.stderr.contains(ROOT_TOKEN));
     assert!(!cfg.exists());
-    // --no-verify does not bypass the permission check either.
+    // --skip-kms-test does not bypass the permission check either.
     Kmsfs::new(&cfg)
         .run([
             "kms",
@@ -250,7 +250,7 @@ async fn kms_set_refuses_world_readable_token_file() {
             "kmsfs",
             "--token-file",
             s(&tf),
-            "--no-verify",
+            "--skip-kms-test",
         ])
         .failed();
     assert!(!cfg.exists());
@@ -282,7 +282,7 @@ fn unknown_kms_type_is_a_clear_error() {
             "aws-kms",
             "https://kms:5696",
             "k",
-            "--no-verify",
+            "--skip-kms-test",
         ])
         .failed();
     assert!(
@@ -293,9 +293,9 @@ fn unknown_kms_type_is_a_clear_error() {
         r.stderr
     );
     assert!(!cfg.exists());
-    // KMIP without its certificates: a clear error even with --no-verify.
+    // KMIP without its certificates: a clear error even with --skip-kms-test.
     let r = Kmsfs::new(&cfg)
-        .run(["kms", "set", "kmip", "kms:5696", "k", "--no-verify"])
+        .run(["kms", "set", "kmip", "kms:5696", "k", "--skip-kms-test"])
         .failed();
     assert!(
         r.stderr.contains("--ca-cert FILE is required"),
@@ -438,7 +438,7 @@ fn create_with_kms_down_leaves_the_directory_as_it_was() {
         s(&tf),
         "--timeout",
         "2",
-        "--no-verify",
+        "--skip-kms-test",
     ])
     .ok();
     let r = k

@@ -439,7 +439,7 @@ async fn a_decrypt_only_token_mounts_but_cannot_create() {
         KEY,
         "--token-file",
         s(&tf),
-        "--no-verify",
+        "--skip-kms-test",
     ])
     .await
     .ok();

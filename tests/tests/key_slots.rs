@@ -240,7 +240,7 @@ async fn a_dr_slot_mounts_with_the_primary_kms_stopped() {
         s(&env.primary.token_file),
         "--timeout",
         "2",
-        "--no-verify",
+        "--skip-kms-test",
     ])
     .await
     .ok();

@@ -124,7 +124,7 @@ async fn a_kms_that_comes_up_late_is_waited_for() {
         "kmsfs",
         "--token-file",
         env.token_file.to_str().unwrap(),
-        "--no-verify",
+        "--skip-kms-test",
     ])
     .await
     .ok();

@@ -161,7 +161,7 @@ async fn plain_http_to_another_host_needs_allow_insecure_http() {
         "kmsfs",
         "--token-file",
         tf.to_str().unwrap(),
-        "--no-verify",
+        "--skip-kms-test",
     ];
     let run = kmsfs.run_async(&args).await.failed();
     assert!(

@@ -11,6 +11,11 @@
 //! auth = { method = "approle", role_id = "…", secret_id_file = "/etc/kmsfs/secret-id" }
 //! ```
 //!
+//! Other `auth` methods: `{ method = "token", token_file = "…" }` (or no
+//! file: `VAULT_TOKEN` / `VAULT_AGENT_ADDR` at run time) and
+//! `{ method = "cert", name = "…" }` (TLS certificate login with
+//! `client_cert` / `client_key`).
+//!
 //! A KMIP server (`type = "kmip"`) is configured with the same file:
 //!
 //! ```toml
@@ -120,6 +125,18 @@ pub enum AuthConfig {
         #[serde(default = "default_approle_path")]
         path: String,
     },
+    /// TLS certificate login: the client certificate (`client_cert` /
+    /// `client_key`, required) is the credential; no secret file.
+    #[serde(rename = "cert")]
+    Cert {
+        /// The certificate role to log in as (`auth/cert/certs/NAME`); when
+        /// absent the server picks any role the certificate matches.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Mount path of the cert auth method.
+        #[serde(default = "default_cert_path")]
+        path: String,
+    },
 }
 
 fn default_auth() -> AuthConfig {
@@ -127,6 +144,9 @@ fn default_auth() -> AuthConfig {
 }
 fn default_approle_path() -> String {
     "approle".into()
+}
+fn default_cert_path() -> String {
+    "cert".into()
 }
 fn default_transit_path() -> String {
     "transit".into()
@@ -385,6 +405,18 @@ impl KmsConfig {
                 return bad("AppRole `path` is empty".into());
             }
         }
+        if let AuthConfig::Cert { path, .. } = &self.auth {
+            if path.trim_matches('/').is_empty() {
+                return bad("cert auth `path` is empty".into());
+            }
+            if self.client_cert.is_none() {
+                return bad(
+                    "cert auth logs in with the TLS client certificate: set `client_cert` and \
+                     `client_key` (kms set --client-cert F --client-key F)"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -571,6 +603,24 @@ auth = { method = "approle", role_id = "rid", secret_id_file = "/etc/sid" }
                 token_file: Some("/run/tok".into())
             }
         );
+    }
+
+    #[test]
+    fn cert_auth_needs_a_client_certificate() {
+        let base = "type = \"vault\"\naddresses = [\"https://v:8200\"]\nkey_name = \"k\"\nauth = { method = \"cert\", name = \"web\" }\n";
+        let e = KmsConfig::parse(base, "c.toml").unwrap_err().to_string();
+        assert!(e.contains("client_cert") && e.contains("c.toml"), "{e}");
+        let t = format!("{base}client_cert = \"/c.pem\"\nclient_key = \"/c.key\"\n");
+        let c = KmsConfig::parse(&t, "c.toml").unwrap();
+        assert_eq!(
+            c.auth,
+            AuthConfig::Cert {
+                name: Some("web".into()),
+                path: "cert".into()
+            }
+        );
+        let text = toml::to_string(&c.to_table().unwrap()).unwrap();
+        assert_eq!(KmsConfig::parse(&text, "t").unwrap(), c);
     }
 
     #[test]

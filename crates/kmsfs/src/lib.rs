@@ -33,6 +33,7 @@ pub mod fsheader;
 pub mod hardening;
 pub mod header_update;
 pub mod keycheck;
+pub mod kms_session;
 pub mod kmsconfig;
 pub mod mount;
 pub mod mount_checks;

@@ -138,7 +138,18 @@ fn serve(
         .kms_timeout
         .or(opts.kms_timeout)
         .unwrap_or(DEFAULT_KMS_TIMEOUT);
-    let keys = unlock_with_retry(&cfg, &cipherdir, header, Duration::from_secs(timeout))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let access = crate::slotkms::KmsAccess::new(&cfg).context("KMS client configuration")?;
+    let keys = unlock_with_retry(
+        &rt,
+        &access,
+        &cipherdir,
+        header,
+        Duration::from_secs(timeout),
+    )?;
     // A valid MAC only proves the header carries a key its writer knew:
     // check that it is this filesystem's key before serving anything.
     let verdict = expected.check_key(&cipherdir, &keys)?;
@@ -186,6 +197,8 @@ fn serve(
     if let Some(r) = ready {
         r.ok();
     }
+    // Token renewal until unmount, then revocation of this mount's login.
+    let kms = crate::kms_session::KmsSession::start(rt, access);
     let mp = mountpoint.clone();
     std::thread::spawn(move || {
         let sig = wait_signal(&signals);
@@ -194,7 +207,9 @@ fn serve(
             warn!("unmount after signal failed: {e:#}");
         }
     });
-    session.join().context("FUSE session")?;
+    let served = session.join().context("FUSE session");
+    kms.stop();
+    served?;
     info!("unmounted {}; keys zeroized", mountpoint.display());
     Ok(())
 }
@@ -202,20 +217,16 @@ fn serve(
 /// Asks the KMS to unwrap the key, retrying unreachable or sealed servers
 /// until `timeout` has passed, as a boot-time mount must.
 fn unlock_with_retry(
-    cfg: &kmsfs_keystore::KmsConfig,
+    rt: &tokio::runtime::Runtime,
+    access: &crate::slotkms::KmsAccess,
     cipherdir: &Path,
     header: kmsfs_core::header::UnverifiedHeader,
     timeout: Duration,
 ) -> anyhow::Result<FsKeys> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let access = crate::slotkms::KmsAccess::new(cfg).context("KMS client configuration")?;
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(500);
     loop {
-        match rt.block_on(fsheader::unlock(&access, cipherdir, header.clone())) {
+        match rt.block_on(fsheader::unlock(access, cipherdir, header.clone())) {
             Ok(u) => return Ok(u.keys),
             Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
                 warn!("KMS not available yet, retrying in {delay:?}: {e}");

@@ -212,6 +212,12 @@ impl KmsAccess {
         Ok(c)
     }
 
+    /// Every Transit client built so far, the configuration's own first.
+    pub fn vault_clients(&self) -> Vec<Arc<VaultClient>> {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.iter().map(|c| Arc::clone(&c.2)).collect()
+    }
+
     /// The client for a Transit slot.
     pub fn client_for_slot(&self, v: &VaultSlot) -> Result<Arc<VaultClient>, KmsError> {
         self.client_for(&v.transit_path, v.namespace.as_deref())

@@ -1,4 +1,9 @@
-//! Authentication: a static token or an AppRole login.
+//! Authentication: a static token, an AppRole login or a TLS certificate
+//! login.
+//!
+//! Tokens from a login (AppRole, cert) belong to the client that made them:
+//! it caches one, logs in again when it is refused, and revokes it when the
+//! client is dropped (see [`crate::vault::session`]).
 
 use std::path::PathBuf;
 
@@ -33,6 +38,14 @@ pub enum Credentials {
         role_id: String,
         /// File holding the secret id.
         secret_id_file: PathBuf,
+    },
+    /// TLS certificate login (the client certificate of the configuration
+    /// is the credential).
+    Cert {
+        /// Mount path of the cert auth method (default `cert`).
+        mount: String,
+        /// Certificate role to log in as; `None` lets the server choose.
+        name: Option<String>,
     },
 }
 
@@ -82,6 +95,10 @@ impl Credentials {
                 role_id: role_id.clone(),
                 secret_id_file: secret_id_file.clone(),
             }),
+            AuthConfig::Cert { name, path } => Ok(Credentials::Cert {
+                mount: path.trim_matches('/').to_string(),
+                name: name.clone(),
+            }),
         }
     }
 
@@ -89,8 +106,14 @@ impl Credentials {
     pub(crate) fn can_login(&self) -> bool {
         matches!(
             self,
-            Credentials::AppRole { .. } | Credentials::TokenFile(_)
+            Credentials::AppRole { .. } | Credentials::TokenFile(_) | Credentials::Cert { .. }
         )
+    }
+
+    /// True when kmsfs logs in itself (AppRole, cert): the token is its own,
+    /// made for this process, and revoked when the client is dropped.
+    pub fn logs_in(&self) -> bool {
+        matches!(self, Credentials::AppRole { .. } | Credentials::Cert { .. })
     }
 }
 
@@ -124,12 +147,12 @@ impl VaultClient {
             Credentials::Agent => Ok(None),
             Credentials::TokenFile(p) => read_credential_file(p).map(Some),
             Credentials::Token(t) => Ok(Some(t.clone())),
-            Credentials::AppRole { .. } => {
+            Credentials::AppRole { .. } | Credentials::Cert { .. } => {
                 let mut guard = self.token.lock().await;
                 if let Some(t) = guard.as_ref() {
                     return Ok(Some(t.clone()));
                 }
-                let fresh = self.login_approle().await?;
+                let fresh = self.login_fresh().await?;
                 *guard = Some(fresh.clone());
                 Ok(Some(fresh))
             }
@@ -137,22 +160,72 @@ impl VaultClient {
     }
 
     /// Drops the cached token if it is still `stale`, so the next request
-    /// logs in again (another task may already have refreshed it).
+    /// logs in again (another task may already have refreshed it). The
+    /// token is revoked: a 403 may come from a policy, not an expiry, and
+    /// a login of ours must not be left alive.
     pub(crate) async fn invalidate_token(&self, stale: &SecretBytes) {
-        let mut guard = self.token.lock().await;
-        if guard.as_ref() == Some(stale) {
-            *guard = None;
+        let dropped = {
+            let mut guard = self.token.lock().await;
+            if guard.as_ref() == Some(stale) {
+                guard.take()
+            } else {
+                None
+            }
+        };
+        if let Some(t) = dropped {
+            self.revoke_token(t).await;
         }
     }
 
-    /// Logs in now (AppRole) and caches the token; with token credentials
-    /// only checks nothing and succeeds. Useful to fail early at mount time.
+    /// Logs in now (AppRole, cert) and caches the token; with token
+    /// credentials checks nothing and succeeds. Useful to fail early at
+    /// mount time. A token this client logged in with before is revoked.
     pub async fn login(&self) -> Result<()> {
-        if let Credentials::AppRole { .. } = self.credentials {
-            let t = self.login_approle().await?;
-            *self.token.lock().await = Some(t);
+        if self.credentials.logs_in() {
+            let t = self.login_fresh().await?;
+            let old = self.token.lock().await.replace(t);
+            if let Some(old) = old {
+                self.revoke_token(old).await;
+            }
         }
         Ok(())
+    }
+
+    /// Logs in with the configured method and returns the new token.
+    async fn login_fresh(&self) -> Result<SecretBytes> {
+        match &self.credentials {
+            Credentials::Cert { mount, name } => self.login_cert(mount, name.as_deref()).await,
+            _ => self.login_approle().await,
+        }
+    }
+
+    /// `auth/<mount>/login` of the cert method: the TLS client certificate
+    /// is the credential, `name` picks the certificate role.
+    async fn login_cert(&self, mount: &str, name: Option<&str>) -> Result<SecretBytes> {
+        let body = serde_json::to_vec(&serde_json::json!({ "name": name })).map_err(|e| {
+            KmsError::AuthFailed {
+                detail: format!("cannot encode the login request: {e}"),
+            }
+        })?;
+        let path = format!("auth/{mount}/login");
+        let reply = self
+            .send(Method::POST, &path, Some(&body), None, true)
+            .await?;
+        if reply.status != 200 {
+            let errs = api_errors(&reply.body);
+            return Err(KmsError::AuthFailed {
+                detail: format!(
+                    "certificate login at /v1/{path} returned HTTP {}: {}; check that the \
+                     client certificate (client_cert) is trusted by a role of the cert auth method{}",
+                    reply.status,
+                    if errs.is_empty() { "(no message)".into() } else { errs.join("; ") },
+                    name.map(|n| format!(" (role '{n}')")).unwrap_or_default()
+                ),
+            });
+        }
+        let token = parse_login_token(&reply.body, "certificate")?;
+        tracing::debug!(mount = %mount, "logged in to the KMS with a TLS certificate");
+        Ok(token)
     }
 
     async fn login_approle(&self) -> Result<SecretBytes> {
@@ -197,22 +270,27 @@ impl VaultClient {
                 ),
             });
         }
-        #[derive(Deserialize)]
-        struct Auth {
-            client_token: Zeroizing<String>,
-        }
-        #[derive(Deserialize)]
-        struct LoginReply {
-            auth: Option<Auth>,
-        }
-        let parsed: LoginReply =
-            serde_json::from_slice(&reply.body).map_err(|e| KmsError::AuthFailed {
-                detail: format!("cannot parse the AppRole login response: {e}"),
-            })?;
-        let auth = parsed.auth.ok_or_else(|| KmsError::AuthFailed {
-            detail: "AppRole login response has no token".into(),
-        })?;
+        let token = parse_login_token(&reply.body, "AppRole")?;
         tracing::debug!(mount = %mount, "logged in to the KMS with AppRole");
-        Ok(SecretBytes::from_slice(auth.client_token.as_bytes()))
+        Ok(token)
     }
+}
+
+/// The `auth.client_token` of a login answer, in locked memory.
+fn parse_login_token(body: &[u8], method: &str) -> Result<SecretBytes> {
+    #[derive(Deserialize)]
+    struct Auth {
+        client_token: Zeroizing<String>,
+    }
+    #[derive(Deserialize)]
+    struct LoginReply {
+        auth: Option<Auth>,
+    }
+    let parsed: LoginReply = serde_json::from_slice(body).map_err(|e| KmsError::AuthFailed {
+        detail: format!("cannot parse the {method} login response: {e}"),
+    })?;
+    let auth = parsed.auth.ok_or_else(|| KmsError::AuthFailed {
+        detail: format!("{method} login response has no token"),
+    })?;
+    Ok(SecretBytes::from_slice(auth.client_token.as_bytes()))
 }

@@ -100,6 +100,13 @@ impl VaultClient {
         let timeout = Duration::from_secs(config.timeout_secs);
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
+            // No idle connections kept: each request opens its own, driven
+            // by the runtime that sends it. A pooled connection belongs to
+            // the runtime that opened it and hangs when that one is not
+            // running, which would stall the revoke a dropped client sends
+            // from a thread of its own (`session.rs`). kmsfs makes a
+            // handful of requests per command, so little is lost.
+            .pool_max_idle_per_host(0)
             .timeout(timeout)
             .connect_timeout(timeout)
             // Never follow redirects: the token header would go along.
@@ -125,9 +132,18 @@ impl VaultClient {
                     detail: format!("no PEM certificate found in {}", ca.display()),
                 });
             }
+            // Only the given CA, as the vault CLI does with VAULT_CACERT.
+            builder = builder.tls_built_in_root_certs(false);
             for c in certs {
                 builder = builder.add_root_certificate(c);
             }
+        } else {
+            // No CA given: the operating system's trust store (what the
+            // vault CLI uses; SSL_CERT_FILE / SSL_CERT_DIR are honoured),
+            // not a list compiled into the binary.
+            builder = builder
+                .tls_built_in_webpki_certs(false)
+                .tls_built_in_native_certs(true);
         }
         if let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) {
             let cert_pem = fs::read(cert).map_err(|e| KmsError::Tls {

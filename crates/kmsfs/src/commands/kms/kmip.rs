@@ -37,7 +37,9 @@ fn config_from_args(a: &SetArgs) -> anyhow::Result<KmsConfig> {
         ("--namespace", a.namespace.is_some()),
         ("--transit-path", a.transit_path != "transit"),
         ("--allow-insecure-http", a.allow_insecure_http),
-        ("--auth-path", a.auth_path != "approle"),
+        ("--auth-path", a.auth_path.is_some()),
+        ("--cert-auth", a.cert_auth),
+        ("--cert-role", a.cert_role.is_some()),
     ];
     if let Some((flag, _)) = vault_only.iter().find(|(_, given)| *given) {
         anyhow::bail!(
@@ -106,12 +108,12 @@ fn mode_name(m: CipherMode) -> &'static str {
     }
 }
 
-/// `kms set kmip`: build, verify (unless --no-verify), save.
+/// `kms set kmip`: build, verify (unless --skip-kms-test), save.
 pub(super) fn run_set(config_path: &Path, a: &SetArgs) -> anyhow::Result<()> {
     let cfg = config_from_args(a)?;
     // Reads the certificates and the client key (refusing a readable key).
     let client = KmipClient::new(&cfg).context("cannot set up the KMIP client")?;
-    if !a.no_verify {
+    if !a.skip_kms_test {
         let rt = runtime()?;
         let (status, mode) = rt
             .block_on(async {
@@ -122,7 +124,7 @@ pub(super) fn run_set(config_path: &Path, a: &SetArgs) -> anyhow::Result<()> {
             .with_context(|| {
                 format!(
                     "KMS check failed for KMIP key '{}' at {}; configuration NOT saved \
-                     (fix the problem, or pass --no-verify to save anyway)",
+                     (fix the problem, or pass --skip-kms-test to save anyway)",
                     cfg.key_name,
                     cfg.addresses.join(", ")
                 )

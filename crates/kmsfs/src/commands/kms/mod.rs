@@ -1,8 +1,11 @@
-//! `kmsfs kms set|show|unset|check`: the KMS configuration.
+//! `kmsfs kms set|show|unset|check|renew`: the KMS configuration.
 //!
-//! Vault/OpenBao is handled here; KMIP in [`kmip`].
+//! Vault/OpenBao is handled here; KMIP in [`kmip`]; the CA copy `kms set`
+//! saves in [`ca_file`]; token renewal in [`renew`].
 
+mod ca_file;
 mod kmip;
+mod renew;
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +40,8 @@ pub enum KmsCommand {
     Unset(UnsetArgs),
     /// Check the KMS: reachability, authentication, key, probe, best practices.
     Check(CheckArgs),
+    /// Renew the configured token (for a systemd timer on hosts without mounts).
+    Renew(renew::RenewArgs),
 }
 
 /// Arguments of `kmsfs kms set`.
@@ -69,9 +74,16 @@ pub struct SetArgs {
     /// Mount path of the Transit engine.
     #[arg(long, value_name = "PATH", default_value = "transit")]
     pub transit_path: String,
-    /// Mount path of the AppRole auth method.
-    #[arg(long, value_name = "PATH", default_value = "approle")]
-    pub auth_path: String,
+    /// Log in with the TLS client certificate (--client-cert / --client-key)
+    /// through the cert auth method.
+    #[arg(long, requires = "client_cert", conflicts_with_all = ["token_file", "role_id"])]
+    pub cert_auth: bool,
+    /// The cert auth role to log in as (`auth/cert/certs/NAME`).
+    #[arg(long, value_name = "NAME", requires = "cert_auth")]
+    pub cert_role: Option<String>,
+    /// Mount path of the auth method (default `approle`, or `cert` with --cert-auth).
+    #[arg(long, value_name = "PATH")]
+    pub auth_path: Option<String>,
     /// PEM file of the CA that signed the server certificate (required for KMIP).
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
@@ -89,8 +101,12 @@ pub struct SetArgs {
     /// else AES-CBC), `gcm` or `cbc`.
     #[arg(long, value_name = "MODE", value_parser = ["auto", "gcm", "cbc"])]
     pub cipher: Option<String>,
-    /// Save without contacting the KMS.
+    /// Save without the test `kms set` runs against the KMS (log in, read
+    /// the key, wrap and unwrap). TLS certificates are verified regardless.
     #[arg(long)]
+    pub skip_kms_test: bool,
+    /// Replaced by --skip-kms-test (the old name read like TLS skip-verify).
+    #[arg(long, hide = true)]
     pub no_verify: bool,
     /// Vault only: accept a plain http:// address that is not loopback
     /// (the unwrapped master key then crosses the network unencrypted).
@@ -133,6 +149,7 @@ pub fn run_kms(config_path: &Path, args: KmsArgs) -> anyhow::Result<()> {
         KmsCommand::Show(a) => run_show(config_path, a),
         KmsCommand::Unset(a) => run_unset(config_path, a),
         KmsCommand::Check(a) => run_check(config_path, a),
+        KmsCommand::Renew(a) => renew::run_renew(config_path, a),
     }
 }
 
@@ -161,8 +178,15 @@ fn config_from_args(a: &SetArgs) -> anyhow::Result<KmsConfig> {
         (Some(role_id), Some(f)) => AuthConfig::AppRole {
             role_id: role_id.clone(),
             secret_id_file: absolute(f)?,
-            path: a.auth_path.clone(),
+            path: a.auth_path.clone().unwrap_or_else(|| "approle".into()),
         },
+        _ if a.cert_auth => AuthConfig::Cert {
+            name: a.cert_role.clone(),
+            path: a.auth_path.clone().unwrap_or_else(|| "cert".into()),
+        },
+        _ if a.auth_path.is_some() => {
+            anyhow::bail!("--auth-path needs --role-id (AppRole) or --cert-auth")
+        }
         _ => AuthConfig::Token {
             token_file: abs_opt(&a.token_file)?,
         },
@@ -207,16 +231,35 @@ async fn probe(client: &VaultClient, key: &str, derived: bool) -> Result<(), Kms
 }
 
 fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
+    if a.no_verify {
+        anyhow::bail!(
+            "--no-verify was renamed --skip-kms-test (it skips the test against the KMS, \
+             never TLS certificate verification): use --skip-kms-test"
+        );
+    }
     if a.kms_type == "kmip" {
         return kmip::run_set(config_path, &a);
     }
-    let cfg = config_from_args(&a)?;
+    let mut cfg = config_from_args(&a)?;
+    // The CA this command verifies with (--ca-cert, else VAULT_CACERT /
+    // BAO_CACERT): saved next to the configuration, because a boot-time
+    // mount has no VAULT_CACERT.
+    // (Over plain http there is no certificate to verify: nothing saved.)
+    let ca_source = cfg
+        .addresses
+        .iter()
+        .any(|a| a.starts_with("https://"))
+        .then(|| ca_file::ca_in_use(&cfg))
+        .flatten();
+    if let Some(src) = &ca_source {
+        cfg.ca_cert = Some(src.clone());
+    }
     if let AuthConfig::AppRole { secret_id_file, .. } = &cfg.auth {
         read_secret_file(secret_id_file, true)?;
     }
     // Reads the token file (refusing a world-readable one) and CA files.
     let client = client(&cfg)?;
-    if !a.no_verify {
+    if !a.skip_kms_test {
         let rt = runtime()?;
         let key = cfg.key_name.clone();
         let info = rt
@@ -229,7 +272,7 @@ fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
             .with_context(|| {
                 format!(
                     "KMS check failed for key '{key}' at {}; configuration NOT saved \
-                     (fix the problem, or pass --no-verify to save anyway)",
+                     (fix the problem, or pass --skip-kms-test to save anyway)",
                     cfg.addresses.join(", ")
                 )
             })?;
@@ -241,9 +284,20 @@ fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
             cfg.addresses.join(", ")
         );
     }
+    // The verifying client (and its login, revoked now) is done with.
+    drop(client);
     if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    if let Some(src) = &ca_source {
+        let saved = ca_file::save_ca_copy(config_path, src)?;
+        eprintln!(
+            "saved the CA certificate {} as {} (the configuration names the copy)",
+            src.display(),
+            saved.display()
+        );
+        cfg.ca_cert = Some(saved);
     }
     cfg.save(config_path)?;
     if matches!(cfg.auth, AuthConfig::Token { token_file: None }) {
@@ -270,6 +324,12 @@ fn auth_description(auth: &AuthConfig) -> String {
         } => format!(
             "AppRole at auth/{path}, role id {role_id}, secret id from file {}",
             secret_id_file.display()
+        ),
+        AuthConfig::Cert { name, path } => format!(
+            "TLS certificate login at auth/{path}{}",
+            name.as_deref()
+                .map(|n| format!(", role {n}"))
+                .unwrap_or_default()
         ),
     }
 }
