@@ -23,13 +23,15 @@
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
 //!   `rewrap`, `slot list|add|remove`;
 //! * [`mount`], [`mount_options`], [`daemon`]: `kmsfs mount`/`umount`, the
-//!   `mount.kmsfs` helper, `-o` option parsing and the daemon start-up.
+//!   `mount.kmsfs` helper, `-o` option parsing and the daemon start-up;
+//! * [`generate`]: the man pages and shell completions `scripts/install` installs.
 
 #![warn(missing_docs)]
 
 pub mod commands;
 pub mod daemon;
 pub mod fsheader;
+pub mod generate;
 pub mod hardening;
 pub mod header_update;
 pub mod keycheck;

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use kmsfs::commands::{
     self, CreateArgs, FsckArgs, InfoArgs, KmsArgs, ListArgs, RewrapArgs, SlotArgs, SnapshotArgs,
     UnlockCheckArgs,
@@ -54,6 +54,9 @@ enum Command {
     /// Unlock a filesystem with the KMS and verify its header; prints "ok".
     #[command(hide = true)]
     UnlockCheck(UnlockCheckArgs),
+    /// Write man pages or shell completions into a directory (for scripts/install).
+    #[command(hide = true)]
+    Generate(kmsfs::generate::GenerateArgs),
 }
 
 fn init_logging() {
@@ -76,7 +79,7 @@ fn holds_secrets(command: &Command) -> bool {
         | Command::Fsck(_)
         | Command::UnlockCheck(_) => true,
         Command::Snapshot(a) => a.holds_secrets(),
-        Command::Umount(_) | Command::Info(_) | Command::List(_) => false,
+        Command::Umount(_) | Command::Info(_) | Command::List(_) | Command::Generate(_) => false,
     }
 }
 
@@ -96,6 +99,7 @@ fn run(config: &Path, command: Command) -> anyhow::Result<()> {
         Command::Slot(a) => commands::run_slot(config, a),
         Command::Snapshot(a) => commands::run_snapshot(config, a),
         Command::UnlockCheck(a) => commands::run_unlock_check(config, a),
+        Command::Generate(a) => kmsfs::generate::run_generate(Cli::command(), a),
     }
 }
 
