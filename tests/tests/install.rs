@@ -77,7 +77,6 @@ fn render_man(page: &Path) -> String {
         .args(["--warnings", "-E", "UTF-8", "-l"])
         .arg(page)
         .env("MANWIDTH", "80")
-        .env("MAN_KEEP_FORMATTING", "0")
         .env("LC_ALL", "C.UTF-8")
         .output()
         .expect("run man");
@@ -130,7 +129,10 @@ fn install_places_every_file_and_uninstall_removes_exactly_those() {
         ("man5/kms.toml.5", "token_file"),
     ] {
         let text = render_man(&p(&format!("{man}/{page}")));
-        assert!(text.contains(must_say), "{page} does not say {must_say}:\n{text}");
+        assert!(
+            text.contains(must_say),
+            "{page} does not say {must_say}:\n{text}"
+        );
     }
     let pages: Vec<PathBuf> = ["man5", "man8"]
         .iter()
@@ -176,14 +178,20 @@ fn install_places_every_file_and_uninstall_removes_exactly_those() {
                 String::from_utf8_lossy(&out.stderr)
             );
         } else {
-            eprintln!("note: {shell} is not installed; {} not syntax-checked", file.display());
+            eprintln!(
+                "note: {shell} is not installed; {} not syntax-checked",
+                file.display()
+            );
         }
     }
 
     // Example units, with the prefix's paths filled in.
     let examples = p("usr/local/share/doc/kmsfs/examples");
     let service = std::fs::read_to_string(examples.join("kmsfs-renew.service")).expect("service");
-    assert!(service.contains("ExecStart=/usr/local/bin/kmsfs kms renew"), "{service}");
+    assert!(
+        service.contains("ExecStart=/usr/local/bin/kmsfs kms renew"),
+        "{service}"
+    );
     let mount = std::fs::read_to_string(examples.join("mnt-plain.mount")).expect("mount unit");
     for line in [
         "Wants=network-online.target",
@@ -193,7 +201,11 @@ fn install_places_every_file_and_uninstall_removes_exactly_those() {
     ] {
         assert!(mount.contains(line), "mount unit lacks {line}");
     }
-    for name in ["mnt-plain.mount", "kmsfs-renew.service", "kmsfs-renew.timer"] {
+    for name in [
+        "mnt-plain.mount",
+        "kmsfs-renew.service",
+        "kmsfs-renew.timer",
+    ] {
         let text = std::fs::read_to_string(examples.join(name)).expect("unit");
         assert!(!text.contains('@'), "{name} has an unfilled placeholder");
     }
@@ -215,33 +227,40 @@ fn install_places_every_file_and_uninstall_removes_exactly_those() {
 }
 
 /// `systemd-analyze verify` on the example units, when systemd is here.
-/// It checks that ExecStart's program exists, so the units are verified
-/// against the destdir's copy of the binary (`--root`).
+/// It checks that ExecStart's program exists and that the `man:` pages in
+/// Documentation= open, so the copies verified point at the destdir's
+/// binary and `MANPATH` at its pages; any warning (an unknown key, say)
+/// fails the test.
 fn verify_units(destdir: &Path, examples: &Path) {
     if !have("systemd-analyze") {
         eprintln!("note: systemd-analyze is not installed; example units not verified");
         return;
     }
-    let units = destdir.join("etc/systemd/system");
-    std::fs::create_dir_all(&units).expect("mkdir units");
-    for name in ["mnt-plain.mount", "kmsfs-renew.service", "kmsfs-renew.timer"] {
-        std::fs::copy(examples.join(name), units.join(name)).expect("copy unit");
+    let work = tempfile::tempdir().expect("tempdir");
+    let bin = destdir.join("usr/local/bin/kmsfs");
+    let mut units = Vec::new();
+    for name in [
+        "mnt-plain.mount",
+        "kmsfs-renew.service",
+        "kmsfs-renew.timer",
+    ] {
+        let text = std::fs::read_to_string(examples.join(name)).expect("unit");
+        let text = text.replace("/usr/local/bin/kmsfs", &bin.to_string_lossy());
+        let path = work.path().join(name);
+        std::fs::write(&path, text).expect("write unit");
+        units.push(path);
     }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(format!("--root={}", destdir.display()))
-        .args([
-            "/etc/systemd/system/mnt-plain.mount",
-            "/etc/systemd/system/kmsfs-renew.service",
-            "/etc/systemd/system/kmsfs-renew.timer",
-        ])
+        .args(&units)
+        .env("MANPATH", destdir.join("usr/local/share/man"))
         .env("SYSTEMD_LOG_LEVEL", "warning")
+        .current_dir(work.path())
         .output()
         .expect("run systemd-analyze");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    std::fs::remove_dir_all(destdir.join("etc")).expect("remove units");
     assert!(
-        out.status.success(),
+        out.status.success() && stderr.trim().is_empty(),
         "systemd-analyze verify ({}): {stderr}",
         out.status
     );
@@ -268,10 +287,9 @@ fn install_and_uninstall_honour_the_prefix_and_refuse_bad_arguments() {
         std::fs::read_link(d.join("sbin/mount.kmsfs")).expect("link"),
         Path::new("/opt/kmsfs/bin/kmsfs")
     );
-    let service = std::fs::read_to_string(
-        d.join("opt/kmsfs/share/doc/kmsfs/examples/kmsfs-renew.service"),
-    )
-    .expect("service");
+    let service =
+        std::fs::read_to_string(d.join("opt/kmsfs/share/doc/kmsfs/examples/kmsfs-renew.service"))
+            .expect("service");
     assert!(service.contains("ExecStart=/opt/kmsfs/bin/kmsfs kms renew"));
     // The default prefix has no manifest here: nothing to remove.
     assert!(!script("uninstall", &["--destdir", dest_arg.as_str()])
@@ -291,7 +309,12 @@ fn install_and_uninstall_honour_the_prefix_and_refuse_bad_arguments() {
         (vec!["--prefix", "relative/dir"], "absolute path"),
         (vec!["--bogus"], "unknown argument '--bogus'"),
         (
-            vec!["--destdir", dest_arg.as_str(), "--binary", "/nonexistent/kmsfs"],
+            vec![
+                "--destdir",
+                dest_arg.as_str(),
+                "--binary",
+                "/nonexistent/kmsfs",
+            ],
             "/nonexistent/kmsfs is not an executable file",
         ),
     ] {

@@ -228,8 +228,8 @@ fn mount_helper_command() -> clap::Command {
              or sealed KMS for kms_timeout seconds), mounts, and returns only when the \
              filesystem is usable (exit 0) or has failed (an error naming the cause; \
              nothing is left mounted). The serving daemon logs to syslog or journald. \
-             The KMS configuration is read from $KMSFS_CONFIG, else kms_config=, else \
-             /etc/kmsfs/kms.toml.",
+             The KMS configuration is the file the kms_config= option names, else \
+             $KMSFS_CONFIG, else /etc/kmsfs/kms.toml.",
         )
         .disable_help_flag(true)
         .disable_version_flag(true)
