@@ -1,6 +1,7 @@
 //! Harness for end-to-end tests.
 
 pub mod bao;
+pub mod bao_cluster;
 pub mod cli;
 pub mod fuse;
 pub mod pykmip;

@@ -118,7 +118,9 @@ fn report(result: anyhow::Result<()>, json: bool) -> ExitCode {
 /// the error, if any, is then one JSON object too, so that a script
 /// reading JSON never has to parse a text message.
 fn wants_json(args: &[OsString]) -> bool {
-    args.iter().take_while(|a| *a != "--").any(|a| a == "--json")
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json")
 }
 
 /// `{"error": MESSAGE, "causes": [CAUSE, ...]}` on one line: the error's
@@ -177,8 +179,8 @@ mod tests {
     fn errors_as_json_are_one_object() {
         let e = anyhow::anyhow!("inner \"cause\"").context("outer");
         let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
-        let v: serde_json::Value = serde_json::from_str(&error_json(&e.to_string(), &causes))
-            .expect("valid JSON");
+        let v: serde_json::Value =
+            serde_json::from_str(&error_json(&e.to_string(), &causes)).expect("valid JSON");
         assert_eq!(v["error"], "outer");
         assert_eq!(v["causes"], serde_json::json!(["inner \"cause\""]));
     }
