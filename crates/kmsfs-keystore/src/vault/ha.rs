@@ -123,7 +123,14 @@ impl VaultClient {
             let mut k = 0;
             while k < candidates.len() {
                 let idx = candidates[k];
-                let Some(limit) = deadline.share(candidates.len() - k) else {
+                // A remembered node is tried before the others are probed:
+                // leave room for all of them should it hang.
+                let pool = if remembered.is_some() && !reprobed {
+                    self.addresses.len()
+                } else {
+                    candidates.len()
+                };
+                let Some(limit) = deadline.share(pool.saturating_sub(k)) else {
                     break;
                 };
                 k += 1;
@@ -409,6 +416,11 @@ mod tests {
                     hits.fetch_add(1, Ordering::SeqCst);
                 }
                 let (status, text) = (script.lock().unwrap())(&path);
+                if status == 0 {
+                    // A node that hangs: holds the connection, never answers.
+                    std::thread::sleep(Duration::from_secs(30));
+                    continue;
+                }
                 let _ = write!(
                     conn,
                     "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
@@ -512,6 +524,30 @@ mod tests {
         c.read_key("k").await.unwrap();
         assert_eq!(bad.api_hits.load(Ordering::SeqCst), 1);
         assert_eq!(good.api_hits.load(Ordering::SeqCst), 1);
+    }
+
+    /// The remembered node hangs: it gets only a share of the deadline,
+    /// and the request still succeeds on another node in time.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_remembered_node_that_hangs_leaves_time_for_the_others() {
+        let mut served = false;
+        let flaky = node(Box::new(move |path| {
+            if path.starts_with("/v1/sys/health") {
+                return (200, "{}".into());
+            }
+            if served {
+                return (0, String::new());
+            }
+            served = true;
+            (200, KEY.into())
+        }));
+        let standby = scripted(429, vec![]);
+        let c = client(&[&flaky.addr, &standby.addr], 6, 1);
+        c.read_key("k").await.unwrap();
+        assert_eq!(c.active_address().as_deref(), Some(flaky.addr.as_str()));
+        c.read_key("k").await.unwrap();
+        assert_eq!(standby.api_hits.load(Ordering::SeqCst), 1);
+        assert_eq!(c.active_address().as_deref(), Some(standby.addr.as_str()));
     }
 
     /// Answers that asking again cannot change are returned at once.

@@ -83,8 +83,8 @@ pub struct SetArgs {
     /// PEM client private key for mutual TLS (mode 0600).
     #[arg(long, value_name = "FILE", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
-    /// Timeout of each KMS request, in seconds (KMIP: one deadline per
-    /// operation across all addresses).
+    /// Deadline of each KMS request, in seconds: every address and every
+    /// retry included.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub timeout: u64,
     /// KMIP only: cipher mode to wrap with: `auto` (AES-GCM with KMIP 1.4,

@@ -46,14 +46,25 @@ pub(super) async fn try_unlock(access: &KmsAccess, dir: &Path) -> Outcome {
         Ok(u) => Outcome::Opens(slotkms::describe(u.slot, &slots[u.slot])),
         Err(e) => Outcome::Locked {
             why: e.to_string(),
-            elsewhere: slots.iter().any(|s| {
-                matches!(
-                    slotkms::reach(access.config(), s),
-                    Reach::OtherVault | Reach::OtherType
-                )
-            }),
+            elsewhere: has_other_kms_slot(access.config(), &slots),
         },
     }
+}
+
+/// True when some slot belongs to another KMS, judged as the filesystem
+/// checks judge it: a slot sharing no address with the configuration is
+/// another KMS's (a DR cluster with the same key name and mount included)
+/// as soon as some other slot does share one.
+fn has_other_kms_slot(cfg: &KmsConfig, slots: &[kmsfs_core::header::KeySlot]) -> bool {
+    let reach: Vec<Reach> = slots.iter().map(|s| slotkms::reach(cfg, s)).collect();
+    let here = reach
+        .iter()
+        .any(|r| matches!(r, Reach::Exact | Reach::SameKms));
+    reach.iter().any(|r| match r {
+        Reach::OtherVault | Reach::OtherType => true,
+        Reach::SameKey => here,
+        Reach::Exact | Reach::SameKms => false,
+    })
 }
 
 /// `kms check`: one `unlock` line for `dir`. FAIL when it cannot be
