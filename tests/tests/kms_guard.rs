@@ -61,7 +61,11 @@ async fn a_configuration_that_locks_filesystems_out_is_refused_and_failed() {
         }
         let k = env.kmsfs.clone();
         let args: Vec<String> = args.into_iter().map(String::from).collect();
-        async move { tokio::task::spawn_blocking(move || k.run(&args)).await.expect("run") }
+        async move {
+            tokio::task::spawn_blocking(move || k.run(&args))
+                .await
+                .expect("run")
+        }
     };
     let r = set_other(false).await.failed();
     assert!(
@@ -71,7 +75,12 @@ async fn a_configuration_that_locks_filesystems_out_is_refused_and_failed() {
         "{}",
         r.stderr
     );
-    let shown = env.kmsfs.run_async(&["kms", "show", "--json"]).await.ok().json();
+    let shown = env
+        .kmsfs
+        .run_async(&["kms", "show", "--json"])
+        .await
+        .ok()
+        .json();
     assert_eq!(shown["config"]["key_name"], "kmsfs", "{shown}");
 
     // --force saves it, saying what it breaks; `kms check` then FAILs the
@@ -88,7 +97,11 @@ async fn a_configuration_that_locks_filesystems_out_is_refused_and_failed() {
         "{}",
         r.stdout
     );
-    let r = env.kmsfs.run_async(&["kms", "check", "--json"]).await.failed();
+    let r = env
+        .kmsfs
+        .run_async(&["kms", "check", "--json"])
+        .await
+        .failed();
     assert_eq!(r.json()["ok"], false);
     let err: Value = serde_json::from_str(r.stderr.trim())
         .unwrap_or_else(|e| panic!("stderr is not one JSON object ({e}): {}", r.stderr));
@@ -129,11 +142,15 @@ async fn errors_of_json_commands_are_json() {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.stderr));
     let all = format!("{} {}", v["error"], v["causes"]);
     assert!(all.contains(s(&missing)), "{v}");
-    let r = k.run(["slot", "list", "--json", "--no-such-option"]).failed();
+    let r = k
+        .run(["slot", "list", "--json", "--no-such-option"])
+        .failed();
     let v: Value = serde_json::from_str(r.stderr.trim())
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.stderr));
     assert!(
-        v["error"].as_str().is_some_and(|m| m.contains("--no-such-option")),
+        v["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("--no-such-option")),
         "{v}"
     );
     let r = k.run(["info", s(&missing)]).failed();
