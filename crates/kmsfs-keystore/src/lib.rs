@@ -33,6 +33,5 @@ pub use kms::{KmsClient, WrappedMasterKey};
 pub use secret_file::read_secret_file;
 pub use vault::{
     Credentials, KeyInfo, NodeHealth, NodeReport, NodeState, RenewedToken, SealStatus, TokenInfo,
-    VaultClient,
-    WrappedKey,
+    VaultClient, WrappedKey,
 };

@@ -8,8 +8,8 @@ pub mod auth;
 pub mod client;
 pub(crate) mod ha;
 pub mod health;
-pub mod session;
 pub(crate) mod retry;
+pub mod session;
 pub mod transit;
 
 pub use auth::Credentials;
