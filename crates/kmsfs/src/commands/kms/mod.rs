@@ -3,6 +3,7 @@
 //! Vault/OpenBao is handled here; KMIP in [`kmip`].
 
 mod kmip;
+mod snapshot_checks;
 
 use std::path::{Path, PathBuf};
 
@@ -585,6 +586,7 @@ async fn async_checks(
         Err(e) => c.add(Status::Fail, "probe", e.to_string()),
     }
     filesystem_checks(cfg, client, config_path, plans, c).await;
+    snapshot_checks::snapshot_checks(cfg, client, config_path, plans, c).await;
 }
 
 /// Planned `min_decryption_version` raises: key name to version.
