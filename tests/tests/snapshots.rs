@@ -841,4 +841,42 @@ async fn an_incremental_snapshot_reads_only_the_changed_files() {
         .json();
     assert_eq!(full["files_unchanged"], 0, "{full}");
     assert_eq!(full["bytes_read"], full["bytes"], "{full}");
+
+    // Progress: without a terminal, plain lines on stderr; on a terminal
+    // (`script` gives the command a pty), a bar instead of those lines.
+    let r = k
+        .run_async(&["snapshot", "create", s(&cipher), &target])
+        .await
+        .ok();
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l == "kmsfs: snapshot: reading and uploading")
+            && r.stderr
+                .lines()
+                .any(|l| l.starts_with("kmsfs: snapshot: publishing the manifest: done, ")),
+        "{}",
+        r.stderr
+    );
+    let cmd = format!(
+        "{} --config {} snapshot create {} {target}",
+        kmsfs_bin().display(),
+        k.config.display(),
+        cipher.display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("reading and uploading") && !tty.contains("kmsfs: snapshot: "),
+        "{tty}"
+    );
 }

@@ -78,10 +78,13 @@ async fn read_head(store: &Store, id: &str, size: u64) -> Result<Head, String> {
     }
 }
 
+/// A snapshot id and its manifest head, or why it could not be read.
+pub type SnapshotHead = (String, Result<Head, String>);
+
 /// Every snapshot in `store` with its manifest head (or why it could not
 /// be read), oldest first. Nothing here is authenticated: for advice such
 /// as `kms check`, never for a restore.
-pub async fn heads(store: &Store) -> Result<Vec<(String, Result<Head, String>)>, SnapshotError> {
+pub async fn heads(store: &Store) -> Result<Vec<SnapshotHead>, SnapshotError> {
     let mut out = Vec::new();
     for (id, size) in store.snapshot_ids().await? {
         let head = read_head(store, &id, size).await;

@@ -119,32 +119,33 @@ fn replace_local(path: &std::path::Path, mut src: File) -> Result<(), SnapshotEr
     let io = |p: &std::path::Path, e: std::io::Error| SnapshotError::io(p, e);
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let tmp = path.with_extension("manifest.rewrap-tmp");
-    let result = (|| {
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = src.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n])?;
-        }
-        out.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
+    if let Err(e) = copy_durably(&mut src, &tmp).and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(path, e));
     }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io(dir, e))
+}
+
+/// Copies `src` into a new file `dst` (mode 0600) and fsyncs it.
+fn copy_durably(src: &mut File, dst: &std::path::Path) -> std::io::Result<()> {
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dst)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+    }
+    out.sync_all()
 }
 
 #[cfg(test)]
