@@ -100,15 +100,15 @@ impl KnownTargets {
     /// Adds `target` (updating its endpoint) and `fs_uuid` to it; true when
     /// anything changed.
     pub fn add(&mut self, target: &str, s3_endpoint: Option<&str>, fs_uuid: Option<&str>) -> bool {
-        let i = match self.targets.iter().position(|t| t.target == target) {
-            Some(i) => i,
+        let (i, added) = match self.targets.iter().position(|t| t.target == target) {
+            Some(i) => (i, false),
             None => {
                 self.targets.push(KnownTarget {
                     target: target.to_string(),
                     s3_endpoint: None,
                     filesystems: Vec::new(),
                 });
-                self.targets.len() - 1
+                (self.targets.len() - 1, true)
             }
         };
         let before = self.targets[i].clone();
@@ -121,7 +121,7 @@ impl KnownTargets {
                 t.filesystems.push(u.to_string());
             }
         }
-        *t != before
+        added || *t != before
     }
 }
 
