@@ -18,6 +18,8 @@
 //!   that holds a key or token;
 //! * [`slotkms`]: which key slots a KMS configuration reaches, and the
 //!   clients that reach them;
+//! * [`snapshot_targets`]: the snapshot targets this host used, for
+//!   `kms check`;
 //! * [`header_update`]: replacing the header under a lock, with a backup
 //!   and proof that the new one opens;
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
@@ -41,4 +43,5 @@ pub mod mount_options;
 pub mod registry;
 pub mod slotkms;
 pub mod slotwrap;
+pub mod snapshot_targets;
 pub mod timefmt;

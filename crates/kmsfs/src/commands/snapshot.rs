@@ -57,6 +57,10 @@ pub enum SnapshotCommand {
         /// A label stored with the snapshot (in the clear).
         #[arg(long)]
         label: Option<String>,
+        /// Read and hash every file, even those the unchanged-file cache
+        /// shows as unchanged since the last snapshot to TARGET.
+        #[arg(long)]
+        full: bool,
         /// Endpoint and output options.
         #[command(flatten)]
         opts: StoreOpts,
@@ -82,6 +86,28 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         opts: StoreOpts,
     },
+    /// After a KMS key rotation: rewrap the keys SNAPSHOT (or --all) in
+    /// TARGET carries with the newest key version, or another key; one
+    /// line per key slot.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["snapshot", "all"])))]
+    Rewrap {
+        /// s3://BUCKET[/PREFIX], file:///DIR or /DIR.
+        target: String,
+        /// The snapshot id.
+        snapshot: Option<String>,
+        /// Every snapshot in TARGET.
+        #[arg(long, conflicts_with = "snapshot")]
+        all: bool,
+        /// Move to this key instead of the newest version of the current one.
+        #[arg(long, value_name = "NAME")]
+        new_key: Option<String>,
+        /// Rewrap only this slot (label or index).
+        #[arg(long, value_name = "LABEL|INDEX")]
+        slot: Option<String>,
+        /// Endpoint and output options.
+        #[command(flatten)]
+        opts: StoreOpts,
+    },
     /// Delete SNAPSHOT from TARGET, and the objects no other snapshot uses.
     Delete {
         /// s3://BUCKET[/PREFIX], file:///DIR or /DIR.
@@ -99,7 +125,9 @@ impl SnapshotArgs {
     pub fn holds_secrets(&self) -> bool {
         matches!(
             self.command,
-            SnapshotCommand::Create { .. } | SnapshotCommand::Restore { .. }
+            SnapshotCommand::Create { .. }
+                | SnapshotCommand::Restore { .. }
+                | SnapshotCommand::Rewrap { .. }
         )
     }
 }
@@ -118,8 +146,16 @@ pub fn run_snapshot(config_path: &Path, args: SnapshotArgs) -> anyhow::Result<()
             cipherdir,
             target,
             label,
+            full,
             opts,
-        } => rt.block_on(run_create(config_path, &cipherdir, &target, label, &opts)),
+        } => rt.block_on(run_create(
+            config_path,
+            &cipherdir,
+            &target,
+            label,
+            full,
+            &opts,
+        )),
         SnapshotCommand::List { target, opts } => rt.block_on(run_list(&target, &opts)),
         SnapshotCommand::Restore {
             target,
@@ -132,10 +168,32 @@ pub fn run_snapshot(config_path: &Path, args: SnapshotArgs) -> anyhow::Result<()
             snapshot,
             opts,
         } => rt.block_on(run_delete(&target, &snapshot, &opts)),
+        SnapshotCommand::Rewrap {
+            target,
+            snapshot,
+            all: _,
+            new_key,
+            slot,
+            opts,
+        } => rt.block_on(crate::commands::snapshot_rewrap::run_snapshot_rewrap(
+            config_path,
+            crate::commands::snapshot_rewrap::RewrapRequest {
+                target: &target,
+                snapshot: snapshot.as_deref(),
+                new_key: new_key.as_deref(),
+                slot: slot.as_deref(),
+            },
+            &opts,
+        )),
     }
 }
 
-fn open_store(target: &str, opts: &StoreOpts, create: bool) -> anyhow::Result<Arc<Store>> {
+/// Opens TARGET with the endpoint options.
+pub(crate) fn open_store(
+    target: &str,
+    opts: &StoreOpts,
+    create: bool,
+) -> anyhow::Result<Arc<Store>> {
     let t = Target::parse(target)?;
     let s3 = S3Options {
         endpoint: opts.s3_endpoint.clone(),
@@ -182,6 +240,7 @@ async fn run_create(
     cipherdir: &Path,
     target: &str,
     label: Option<String>,
+    full: bool,
     opts: &StoreOpts,
 ) -> anyhow::Result<()> {
     let cipherdir = absolute(cipherdir)?;
@@ -195,6 +254,7 @@ async fn run_create(
     let Unlocked { header, keys, .. } = unlock(&kms, &cipherdir, hdr).await?;
     let fs_uuid = uuid_string(&header.uuid);
     let progress = progress(opts.json);
+    let cache = crate::snapshot_targets::cache_path(config_path, &fs_uuid, store.display());
     let stats = kmsfs_snapshot::create(
         store.clone(),
         kmsfs_snapshot::CreateRequest {
@@ -204,6 +264,8 @@ async fn run_create(
             manifest_key: keys.snapshot_manifest_key(),
             label,
             concurrency: CONCURRENCY,
+            cache: Some(&cache),
+            full,
         },
         progress,
     )
@@ -215,6 +277,12 @@ async fn run_create(
         )
     })?;
     drop(lock);
+    crate::snapshot_targets::remember_quietly(
+        config_path,
+        target,
+        opts.s3_endpoint.as_deref(),
+        Some(&fs_uuid),
+    );
     if opts.json {
         let mut v = serde_json::to_value(&stats).context("cannot encode JSON")?;
         v["target"] = json!(store.display());
@@ -271,9 +339,25 @@ async fn run_restore(
         .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: header is not base64: {e}"))?;
     let hdr = UnverifiedHeader::parse(&header_bytes)
         .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: header: {e}"))?;
-    let Unlocked { header, keys, .. } = unlock(&kms, &newdir, hdr)
-        .await
-        .with_context(|| format!("cannot unlock the header of snapshot {snapshot}"))?;
+    let Unlocked { header, keys, .. } = match unlock(&kms, &newdir, hdr).await {
+        Ok(u) => u,
+        Err(e) => {
+            // A snapshot keeps the wrapping it was taken with: after a
+            // rotation and a raise of min_decryption_version it needs a
+            // `snapshot rewrap`, which the KMS's refusal does not say.
+            let text = e.to_string();
+            let hint = if text.contains("min_decryption_version") {
+                format!(
+                    "; this snapshot was not rewrapped after the key was rotated: lower the key's \
+                     min_decryption_version, run `kmsfs snapshot rewrap {target} {snapshot}`, \
+                     then raise it again"
+                )
+            } else {
+                String::new()
+            };
+            anyhow::bail!("cannot unlock the header of snapshot {snapshot}: {text}{hint}");
+        }
+    };
     let fs_uuid = uuid_string(&header.uuid);
     if !fs_uuid.eq_ignore_ascii_case(&manifest.head.fs_uuid) {
         anyhow::bail!(

@@ -7,6 +7,7 @@ mod ca_file;
 mod kmip;
 mod nodes;
 mod renew;
+mod snapshot_checks;
 mod unlockable;
 
 use std::path::{Path, PathBuf};
@@ -609,6 +610,7 @@ async fn async_checks(
         Err(e) => c.add(Status::Fail, "probe", e.to_string()),
     }
     filesystem_checks(cfg, client, config_path, plans, c).await;
+    snapshot_checks::snapshot_checks(cfg, client, config_path, plans, c).await;
 }
 
 /// Planned `min_decryption_version` raises: key name to version.
