@@ -153,7 +153,12 @@ impl Filesystem for KmsFs {
             atime,
             mtime,
         };
-        reply_attr(reply, self.setattr(ino.0, change));
+        let _pass = self.gate.pass();
+        let r = self.setattr(ino.0, change);
+        if size.is_some() {
+            self.changed(ino.0);
+        }
+        reply_attr(reply, r);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -170,10 +175,12 @@ impl Filesystem for KmsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.mknod(caller(req), parent.0, name, mode & !umask, rdev),
-        );
+        let _pass = self.gate.pass();
+        let r = self.mknod(caller(req), parent.0, name, mode & !umask, rdev);
+        if let Ok(attr) = &r {
+            self.changed(attr.ino.0);
+        }
+        reply_entry(reply, r);
     }
 
     fn mkdir(
@@ -185,17 +192,22 @@ impl Filesystem for KmsFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.mkdir(caller(req), parent.0, name, mode & !umask),
-        );
+        let _pass = self.gate.pass();
+        let r = self.mkdir(caller(req), parent.0, name, mode & !umask);
+        // Its new `kmsfs.diriv` may reuse a freed inode number.
+        if let Ok(attr) = &r {
+            self.changed(attr.ino.0);
+        }
+        reply_entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.pass();
         reply_empty(reply, self.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.pass();
         reply_empty(reply, self.rmdir(parent.0, name));
     }
 
@@ -208,6 +220,7 @@ impl Filesystem for KmsFs {
         reply: ReplyEntry,
     ) {
         let target = target.as_os_str().as_bytes();
+        let _pass = self.gate.pass();
         reply_entry(
             reply,
             self.symlink(caller(req), parent.0, link_name, target),
@@ -224,6 +237,7 @@ impl Filesystem for KmsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.pass();
         let r = self.rename(parent.0, name, newparent.0, newname, flags.bits());
         reply_empty(reply, r);
     }
@@ -236,13 +250,18 @@ impl Filesystem for KmsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _pass = self.gate.pass();
         reply_entry(reply, self.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let truncate = flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        // Only a truncating open changes the store: other opens, like
+        // reads, go on during a snapshot's freeze.
+        let _pass = truncate.then(|| self.gate.pass());
         let r = self.node(ino.0).and_then(|node| {
             self.open_file(ino.0, &node)?;
-            if flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            if truncate {
                 if let Err(e) = self.truncate_file(ino.0, &node, 0) {
                     self.release_file(&node);
                     return Err(e);
@@ -250,6 +269,9 @@ impl Filesystem for KmsFs {
             }
             Ok(append_flag(flags.0))
         });
+        if truncate {
+            self.changed(ino.0);
+        }
         reply_open(reply, r);
     }
 
@@ -279,7 +301,11 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.write_file(ino.0, fh.0, offset, data) {
+        let _pass = self.gate.pass();
+        let r = self.write_file(ino.0, fh.0, offset, data);
+        // Recorded even on failure: a failed write may have changed bytes.
+        self.changed(ino.0);
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -454,7 +480,12 @@ impl Filesystem for KmsFs {
         reply: ReplyCreate,
     ) {
         let mode = mode & !umask & 0o7777;
-        match self.create(caller(req), parent.0, name, mode) {
+        let _pass = self.gate.pass();
+        let r = self.create(caller(req), parent.0, name, mode);
+        if let Ok(attr) = &r {
+            self.changed(attr.ino.0);
+        }
+        match r {
             Ok(attr) => reply.created(
                 &TTL,
                 &attr,
@@ -476,6 +507,9 @@ impl Filesystem for KmsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.allocate_file(ino.0, offset, length, mode));
+        let _pass = self.gate.pass();
+        let r = self.allocate_file(ino.0, offset, length, mode);
+        self.changed(ino.0);
+        reply_empty(reply, r);
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::attrs::file_attr;
 use crate::errors::{backing_errno, errno, Result};
+use crate::freeze::WriteGate;
 use crate::inodes::{Inodes, Kind, LinkEntry, Node};
 use crate::listing::Listings;
 use crate::space::SpaceErrors;
@@ -52,6 +53,8 @@ pub struct KmsFs {
     pub(crate) inodes: Inodes,
     pub(crate) listings: Listings,
     pub(crate) space: Arc<SpaceErrors>,
+    /// Holds modifying requests while a snapshot captures (`freeze`).
+    pub(crate) gate: Arc<WriteGate>,
     pub(crate) read_only: bool,
     pub(crate) writeback: bool,
     euid: u32,
@@ -106,6 +109,7 @@ impl KmsFs {
             inodes: Inodes::new(fd, OwnedFd::from(lock.try_clone()?), &st, true),
             listings: Listings::default(),
             space: Arc::new(SpaceErrors::default()),
+            gate: Arc::new(WriteGate::default()),
             read_only,
             writeback,
             // SAFETY: geteuid/getegid cannot fail.

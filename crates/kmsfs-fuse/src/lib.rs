@@ -7,6 +7,7 @@ mod adapter;
 mod attrs;
 mod entries;
 mod errors;
+mod freeze;
 mod fs;
 mod inodes;
 pub mod kernel_mount;
@@ -15,6 +16,7 @@ mod open_files;
 mod space;
 mod sys;
 
+pub use freeze::{DrainTimeout, Frozen, WriteGate};
 pub use fs::KmsFs;
 pub use fuser::MountOption;
 
@@ -46,6 +48,7 @@ pub struct MountSettings {
 /// (`umount`, a signal handler) to unmount it.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    gate: std::sync::Arc<WriteGate>,
     mountpoint: PathBuf,
     fs_type: &'static str,
 }
@@ -55,6 +58,11 @@ impl Mounted {
     /// `/dev/fuse` ourselves) rather than `fuse` (through `fusermount3`).
     pub fn fs_type(&self) -> &'static str {
         self.fs_type
+    }
+
+    /// The gate that holds modifying requests during a snapshot.
+    pub fn write_gate(&self) -> std::sync::Arc<WriteGate> {
+        self.gate.clone()
     }
 
     /// Waits until the filesystem is unmounted and the daemon threads end.
@@ -130,6 +138,7 @@ pub fn spawn_mount(
     config.n_threads = Some(settings.threads.max(1));
     config.clone_fd = true;
     let space = fs.space_errors();
+    let gate = fs.write_gate();
     let fd = match kernel_mount::mount(cipherdir, mountpoint, &opts, settings.allow_other) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
@@ -142,6 +151,7 @@ pub fn spawn_mount(
             space.set_notifier(session.notifier());
             return Ok(Mounted {
                 session: Some(session),
+                gate,
                 mountpoint: mountpoint.to_path_buf(),
                 fs_type: "fuse",
             });
@@ -164,6 +174,7 @@ pub fn spawn_mount(
     space.set_notifier(session.notifier());
     Ok(Mounted {
         session: Some(session),
+        gate,
         mountpoint: mountpoint.to_path_buf(),
         fs_type: kernel_mount::FS_TYPE,
     })
