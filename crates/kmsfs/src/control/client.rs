@@ -56,9 +56,15 @@ impl Control {
 
     fn request(&mut self, req: &str, expect: &str) -> anyhow::Result<String> {
         let ctx = || format!("control socket {}: {req}", self.path.display());
-        writeln!(self.out, "{req}").with_context(ctx)?;
+        let sent = writeln!(self.out, "{req}");
+        // A daemon that refuses the session (busy, not root) answers and
+        // hangs up at once: its answer says more than a broken pipe.
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).with_context(ctx)?;
+        let n = match (sent, self.reader.read_line(&mut line)) {
+            (_, Ok(n)) if n > 0 => n,
+            (Err(e), _) => return Err(e).with_context(ctx),
+            (Ok(()), r) => r.with_context(ctx)?,
+        };
         if n == 0 {
             bail!("{}: the mount daemon closed the connection", ctx());
         }
