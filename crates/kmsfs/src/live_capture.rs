@@ -258,7 +258,7 @@ fn walk(
     Ok(())
 }
 
-fn secs(d: Duration) -> f64 {
+fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -282,6 +282,7 @@ pub fn capture(
     ctl.track()?;
     let mut pooled: HashMap<PathBuf, Pooled> = HashMap::new();
     let mut precopy_bytes = 0u64;
+    let pool_dir = copier.pool.clone();
     walk(cipherdir, true, |rel, md| {
         if !md.is_file() {
             return Ok(());
@@ -289,7 +290,16 @@ pub fn capture(
         let (pool, n) = match copier.copy(&cipherdir.join(rel)) {
             Ok(c) => c,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e).with_context(|| format!("cannot copy {}", rel.display())),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot copy {} into the staging directory {} (it needs room for a \
+                         copy of the tree where the filesystem has no reflinks)",
+                        rel.display(),
+                        pool_dir.display()
+                    )
+                })
+            }
         };
         precopy_bytes += n;
         pooled.insert(
@@ -315,7 +325,7 @@ pub fn capture(
         format!(
             "the capture took {:.0} ms, longer than --freeze-timeout allows: nothing was \
              published; rerun with a longer timeout",
-            secs(frozen_at.elapsed())
+            ms(frozen_at.elapsed())
         )
     })?;
 
@@ -325,8 +335,8 @@ pub fn capture(
     Ok(Capture {
         tree,
         stats: CaptureStats {
-            write_pause_ms: secs(held),
-            drain_ms: secs(drain),
+            write_pause_ms: ms(held),
+            drain_ms: ms(drain),
             method: if copier.copied_any { "copy" } else { "reflink" },
             precopy_bytes,
             recopied_files,
