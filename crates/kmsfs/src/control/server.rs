@@ -142,14 +142,27 @@ fn peer(conn: &UnixStream) -> std::io::Result<(i32, u32)> {
     Ok((cred.pid, cred.uid))
 }
 
-/// Clears the busy mark when the session ends, however it ends.
-struct Claim<'a>(&'a Mutex<Option<i32>>);
+/// The open session: ending it (explicitly, or by dropping it however
+/// the session ends) stops the change tracking, then clears the busy mark.
+struct Claim<'a> {
+    busy: &'a Mutex<Option<i32>>,
+    gate: &'a WriteGate,
+}
+
+impl Claim<'_> {
+    /// Ends the session. Called before a client-gone thaw, so a client
+    /// that sees writes resume can start the next session at once.
+    fn end(&self) {
+        self.gate.track(false);
+        if let Ok(mut b) = self.busy.lock() {
+            *b = None;
+        }
+    }
+}
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        if let Ok(mut b) = self.0.lock() {
-            *b = None;
-        }
+        self.end();
     }
 }
 
@@ -163,7 +176,8 @@ fn session(conn: UnixStream, shared: &Shared) -> anyhow::Result<()> {
         );
         bail!("refused a connection from uid {uid} (pid {pid}): not root");
     }
-    let _claim = {
+    let gate = &*shared.gate;
+    let claim = {
         let mut busy = shared
             .busy
             .lock()
@@ -177,22 +191,22 @@ fn session(conn: UnixStream, shared: &Shared) -> anyhow::Result<()> {
             return Ok(());
         }
         *busy = Some(pid);
-        Claim(&shared.busy)
+        Claim {
+            busy: &shared.busy,
+            gate,
+        }
     };
-    let gate = &*shared.gate;
-    let r = serve(conn, &mut out, shared, gate, pid);
-    // Whatever happened, the next session starts clean.
-    gate.track(false);
-    r
+    serve(conn, &mut out, shared, &claim, pid)
 }
 
 fn serve(
     conn: UnixStream,
     out: &mut UnixStream,
     shared: &Shared,
-    gate: &WriteGate,
+    claim: &Claim<'_>,
     pid: i32,
 ) -> anyhow::Result<()> {
+    let gate = claim.gate;
     let mut reader = BufReader::new(conn);
     let mut frozen: Option<(Frozen<'_>, Instant)> = None;
     let mut expired: Option<Duration> = None;
@@ -210,9 +224,8 @@ fn serve(
         line.clear();
         match reader.read_line(&mut line) {
             Ok(0) => {
-                if frozen.is_some() {
-                    thaw(&mut frozen, pid, "the client went away");
-                }
+                claim.end();
+                thaw(&mut frozen, pid, "the client went away");
                 return Ok(());
             }
             Ok(_) => {}
@@ -224,6 +237,7 @@ fn serve(
                 return Ok(());
             }
             Err(e) => {
+                claim.end();
                 thaw(&mut frozen, pid, "the connection failed");
                 return Err(e).context("reading a request");
             }
@@ -278,6 +292,7 @@ fn serve(
             _ => format!("ERR unknown request {:?}", line.trim_end()),
         };
         if let Err(e) = writeln!(out, "{reply}") {
+            claim.end();
             thaw(&mut frozen, pid, "the client went away");
             return Err(e).context("writing a reply");
         }
