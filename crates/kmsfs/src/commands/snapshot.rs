@@ -235,12 +235,31 @@ async fn run_create(
     // A mounted filesystem is read from a capture of one instant; the
     // upload then runs with writes going on.
     // The lock (unmounted) is held until the snapshot is published.
-    let (_lock, capture) = match source {
-        Source::Unmounted(lock) => (Some(lock), None),
-        Source::Mounted(mut ctl) => {
-            let c = live_capture::capture(&cipherdir, &mut ctl, freeze_timeout)
-                .with_context(|| format!("cannot capture {}", cipherdir.display()))?;
-            (None, Some(c))
+    let mut source = Some(source);
+    let mut attempts = 0;
+    let (_lock, capture) = loop {
+        let src = match source.take() {
+            Some(s) => s,
+            None => open_source(&cipherdir)?,
+        };
+        match src {
+            Source::Unmounted(lock) => break (Some(lock), None),
+            Source::Mounted(mut ctl) => {
+                match live_capture::capture(&cipherdir, &mut ctl, freeze_timeout) {
+                    Ok(c) => break (None, Some(c)),
+                    // A daemon that was just unmounted still answers for a
+                    // moment, then goes: look again (lock or socket).
+                    Err(_) if ctl.gone_before_freeze() && attempts < 3 => {
+                        attempts += 1;
+                        drop(ctl);
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("cannot capture {}", cipherdir.display()))
+                    }
+                }
+            }
         }
     };
     let read_from = match &capture {

@@ -21,6 +21,10 @@ pub struct Control {
     reader: BufReader<UnixStream>,
     out: UnixStream,
     path: PathBuf,
+    /// The connection broke (EOF or an I/O error).
+    lost: bool,
+    /// A freeze was granted.
+    froze: bool,
 }
 
 impl Control {
@@ -51,6 +55,8 @@ impl Control {
             reader: BufReader::new(conn),
             out,
             path,
+            lost: false,
+            froze: false,
         }))
     }
 
@@ -62,10 +68,14 @@ impl Control {
         let mut line = String::new();
         let n = match (sent, self.reader.read_line(&mut line)) {
             (_, Ok(n)) if n > 0 => n,
-            (Err(e), _) => return Err(e).with_context(ctx),
-            (Ok(()), r) => r.with_context(ctx)?,
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                self.lost = true;
+                return Err(e).with_context(ctx);
+            }
+            (Ok(()), Ok(_)) => 0,
         };
         if n == 0 {
+            self.lost = true;
             bail!("{}: the mount daemon closed the connection", ctx());
         }
         let line = line.trim_end();
@@ -78,6 +88,13 @@ impl Control {
         }
     }
 
+    /// Whether the daemon went away before granting a freeze: it was
+    /// exiting (just unmounted), and the filesystem is about to be
+    /// unmounted in the lock's sense too.
+    pub fn gone_before_freeze(&self) -> bool {
+        self.lost && !self.froze
+    }
+
     /// Starts recording which files' contents change.
     pub fn track(&mut self) -> anyhow::Result<()> {
         self.request("TRACK", "OK").map(drop)
@@ -88,6 +105,7 @@ impl Control {
     /// flight took to finish.
     pub fn freeze(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
         let rest = self.request(&format!("FREEZE {}", timeout.as_millis()), "FROZEN")?;
+        self.froze = true;
         micros(&rest)
     }
 
