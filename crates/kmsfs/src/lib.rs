@@ -25,11 +25,14 @@
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
 //!   `rewrap`, `slot list|add|remove`;
 //! * [`mount`], [`mount_options`], [`daemon`]: `kmsfs mount`/`umount`, the
-//!   `mount.kmsfs` helper, `-o` option parsing and the daemon start-up.
+//!   `mount.kmsfs` helper, `-o` option parsing and the daemon start-up;
+//! * [`control`], [`live_capture`]: the daemon's control socket and the
+//!   point-in-time capture of a mounted filesystem for `snapshot create`.
 
 #![warn(missing_docs)]
 
 pub mod commands;
+pub mod control;
 pub mod daemon;
 pub mod fsheader;
 pub mod hardening;
@@ -37,6 +40,7 @@ pub mod header_update;
 pub mod keycheck;
 pub mod kms_session;
 pub mod kmsconfig;
+pub mod live_capture;
 pub mod mount;
 pub mod mount_checks;
 pub mod mount_options;
