@@ -2,6 +2,7 @@
 
 pub mod bao;
 pub mod bao_auth;
+pub mod bao_cluster;
 pub mod cli;
 pub mod fuse;
 pub mod pykmip;

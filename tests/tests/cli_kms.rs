@@ -769,11 +769,20 @@ async fn list_and_check_know_registered_filesystems() {
         .set_min_decryption_version("kmsfs", 2)
         .await
         .expect("min version");
-    let r = st.run(&["kms", "check"]).ok();
+    // Its only slot is cut off: the slot is named (WARN) and the
+    // filesystem, which no mount can open now, FAILs the check.
+    let r = st.run(&["kms", "check"]).failed();
     assert!(
         r.stdout
             .lines()
             .any(|l| l.starts_with("WARN filesystem") && l.contains(s(&a)) && l.contains("CANNOT")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL unlock") && l.contains(s(&a))),
         "{}",
         r.stdout
     );

@@ -303,7 +303,7 @@ async fn kms_down_is_unreachable_within_timeout() {
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
 
     // A server that accepts connections but never answers: bounded by the
-    // per-request timeout times the attempts.
+    // one deadline of `timeout_secs`, whatever the attempts (issue 10).
     let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", blackhole.local_addr().unwrap());
     let mut cfg = token_config(vec![addr], "kmsfs", &tf);
@@ -317,7 +317,7 @@ async fn kms_down_is_unreachable_within_timeout() {
     assert!(matches!(err, KmsError::Unreachable { .. }), "{err:?}");
     assert!(err.to_string().contains("timed out"), "{err}");
     assert!(
-        elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(5),
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(2),
         "took {elapsed:?}"
     );
     drop(blackhole);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kmsfs_e2e::bao::dead_address;
 use kmsfs_e2e::cli::{kmsfs_bin, CliEnv, Kmsfs, Run};
-use kmsfs_e2e::fuse::{CliMountGuard, Rng};
+use kmsfs_e2e::fuse::{CliMountGuard, Rng, Tmpfs};
 use kmsfs_e2e::s3::SeaweedServer;
 use sha2::{Digest, Sha256};
 
@@ -170,8 +170,8 @@ fn one_line(r: &Run) -> &str {
 
 /// The DR path end to end: snapshot, change, snapshot again; restore both
 /// on a fresh host with the original directory gone, and compare with what
-/// was there at each instant. Also: incremental sizes, a mounted filesystem
-/// refused, list, delete keeping shared objects.
+/// was there at each instant. Also: incremental sizes, list, delete
+/// keeping shared objects.
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshots_restore_on_a_fresh_host_as_they_were() {
     let env = CliEnv::new().await;
@@ -184,12 +184,7 @@ async fn snapshots_restore_on_a_fresh_host_as_they_were() {
 
     env.mount(&cipher, &plain, &[]).await.ok();
     fill(&plain, 24 * MIB);
-    // A mounted filesystem is refused, not copied inconsistently.
-    let r = k
-        .run_async(&["snapshot", "create", s(&cipher), target])
-        .await
-        .failed();
-    assert!(one_line(&r).contains("is mounted"), "{}", r.stderr);
+    // (Snapshots of a mounted filesystem: tests/tests/snapshots_live.rs.)
     let state_a = at_rest(&env, &cipher, &plain).await;
 
     let a = k
@@ -207,6 +202,15 @@ async fn snapshots_restore_on_a_fresh_host_as_they_were() {
         .json();
     let id_a = a["id"].as_str().unwrap().to_string();
     assert!(a["objects_uploaded"].as_u64().unwrap() >= 24, "{a}");
+    // The same instant under another prefix: never rewrapped below.
+    let old_target = "s3://drill/host1-old";
+    let id_old = k
+        .run_async(&["snapshot", "create", s(&cipher), old_target])
+        .await
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
     assert!(
         a["bytes_uploaded"].as_u64().unwrap() >= 24 * MIB as u64,
         "{a}"
@@ -274,6 +278,96 @@ async fn snapshots_restore_on_a_fresh_host_as_they_were() {
         restore_and_describe(&k2, target, &id_b, host2.path(), "b").await,
         state_b
     );
+    // Rotation: a planned raise of min_decryption_version is flagged for
+    // every snapshot still wrapped with version 1, in both targets this
+    // host used, with the rewrap to run.
+    let bao = env.server.as_ref().expect("server");
+    bao.rotate_key("kmsfs").await.expect("rotate");
+    let r = k
+        .run_async(&[
+            "kms",
+            "check",
+            "--planned-min-decryption-version",
+            "kmsfs=2",
+        ])
+        .await
+        .ok();
+    for (t, id) in [(target, &id_a), (target, &id_c), (old_target, &id_old)] {
+        assert!(
+            r.stdout.lines().any(|l| l.starts_with("WARN snapshot")
+                && l.contains(&format!("{t} snapshot {id}: slot 0 'primary'"))
+                && l.contains("planned min_decryption_version 2 would cut it off")
+                && l.contains(&format!("kmsfs snapshot rewrap {t} {id} --slot primary"))),
+            "{}",
+            r.stdout
+        );
+    }
+    // Rewrap every snapshot in the first target from the fresh host: one
+    // line per slot; a second run changes nothing.
+    let r = k2
+        .run_async(&["snapshot", "rewrap", target, "--all"])
+        .await
+        .ok();
+    for id in [&id_a, &id_b, &id_c] {
+        let want = format!("{target} {id}: slot 0 'primary': kmsfs v1 -> kmsfs v2");
+        assert!(r.stdout.lines().any(|l| l == want), "{}", r.stdout);
+    }
+    assert_eq!(r.stdout.lines().count(), 3, "{}", r.stdout);
+    let r = k2
+        .run_async(&["snapshot", "rewrap", target, &id_b])
+        .await
+        .ok();
+    assert!(
+        r.stdout.contains("already the newest version, unchanged"),
+        "{}",
+        r.stdout
+    );
+    bao.set_min_decryption_version("kmsfs", 2)
+        .await
+        .expect("min version");
+    // Rewrapped snapshots restore as they were.
+    assert_eq!(
+        restore_and_describe(&k2, target, &id_a, host2.path(), "a-v2").await,
+        state_a
+    );
+    assert_eq!(
+        restore_and_describe(&k2, target, &id_b, host2.path(), "b-v2").await,
+        state_b
+    );
+    // The one not rewrapped cannot be, and says what to do.
+    let r = k2
+        .run_async(&[
+            "snapshot",
+            "restore",
+            old_target,
+            &id_old,
+            s(&host2.path().join("old")),
+        ])
+        .await
+        .failed();
+    let line = one_line(&r);
+    assert!(
+        line.contains("min_decryption_version")
+            && line.contains(&format!("kmsfs snapshot rewrap {old_target} {id_old}")),
+        "{line}"
+    );
+    assert!(!host2.path().join("old/kmsfs.header").exists());
+    let r = k.run_async(&["kms", "check"]).await.ok();
+    assert!(
+        r.stdout.lines().any(|l| l.starts_with("WARN snapshot")
+            && l.contains(&format!("{old_target} snapshot {id_old}"))
+            && l.contains("CANNOT be opened")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("OK   snapshot         {target}: 3 snapshot(s)"))),
+        "{}",
+        r.stdout
+    );
+
     // The restored filesystems are registered on the new host.
     let listed = k2.run_async(&["list", "--json"]).await.ok().stdout;
     assert!(
@@ -327,6 +421,16 @@ async fn snapshots_restore_on_a_fresh_host_as_they_were() {
         .await
         .failed();
     assert!(one_line(&r).contains("no snapshot"), "{}", r.stderr);
+
+    // An object store that is down is a warning in `kms check`, not a hang.
+    drop(weed);
+    let r = k.run_async(&["kms", "check"]).await.ok();
+    assert!(
+        r.stdout.lines().any(|l| l.starts_with("WARN snapshot")
+            && l.contains(&format!("{target}: cannot check its snapshots"))),
+        "{}",
+        r.stdout
+    );
 }
 
 fn all_bytes(dir: &Path, out: &mut Vec<u8>) {
@@ -562,4 +666,212 @@ async fn killed_object_store_then_rerun_completes() {
         .await
         .failed();
     assert!(one_line(&r).contains("s3://BUCKET"), "{}", r.stderr);
+}
+
+/// `snapshot rewrap` against a directory target on a full tmpfs: the new
+/// manifest cannot be written, the command fails clearly and the old
+/// manifest (the only copy of the old wrapping) is there byte for byte,
+/// with no temporary file left. With space again the rewrap completes;
+/// after `min_decryption_version` is raised the snapshot restores as it
+/// was.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_rewrap_on_a_full_store_keeps_the_old_manifest() {
+    let env = CliEnv::new().await;
+    let k = &env.kmsfs;
+    let (cipher, plain) = env.create("full").await;
+    let _g = CliMountGuard(plain.clone());
+    env.mount(&cipher, &plain, &[]).await.ok();
+    fill(&plain, MIB);
+    let state = at_rest(&env, &cipher, &plain).await;
+    let usb = env.path("usb");
+    fs::create_dir_all(&usb).unwrap();
+    let _tmpfs = Tmpfs::mount(&usb, "16m");
+    let target = usb.to_str().unwrap();
+    let id = k
+        .run_async(&["snapshot", "create", s(&cipher), target])
+        .await
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let mpath = usb.join(format!("snapshots/{id}.manifest"));
+    let before = fs::read(&mpath).unwrap();
+
+    let bao = env.server.as_ref().expect("server");
+    bao.rotate_key("kmsfs").await.expect("rotate");
+    // Fill the store to the last byte.
+    let filler = usb.join("filler");
+    {
+        let mut f = fs::File::create(&filler).unwrap();
+        let block = vec![0x5au8; 64 * 1024];
+        loop {
+            if std::io::Write::write_all(&mut f, &block).is_err() {
+                break;
+            }
+        }
+        let one = [0x5au8; 1];
+        while std::io::Write::write_all(&mut f, &one).is_ok() {}
+    }
+    let r = k
+        .run_async(&["snapshot", "rewrap", target, &id])
+        .await
+        .failed();
+    assert!(
+        r.stdout.contains("FAILED") && r.stdout.contains("keeps its old one"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(
+        fs::read(&mpath).unwrap(),
+        before,
+        "the old manifest changed"
+    );
+    let names: Vec<_> = fs::read_dir(usb.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec![format!("{id}.manifest")]);
+
+    fs::remove_file(&filler).unwrap();
+    let r = k.run_async(&["snapshot", "rewrap", target, &id]).await.ok();
+    assert_eq!(
+        r.stdout.trim(),
+        format!("{target} {id}: slot 0 'primary': kmsfs v1 -> kmsfs v2")
+    );
+    assert_ne!(fs::read(&mpath).unwrap(), before);
+    bao.set_min_decryption_version("kmsfs", 2)
+        .await
+        .expect("min version");
+    assert_eq!(
+        restore_and_describe(k, target, &id, env.dir.path(), "back").await,
+        state
+    );
+}
+
+/// The unchanged-file shortcut: a second snapshot to the same target reads
+/// only the files changed since the first — including a same-size rewrite
+/// whose old mtime was put back (its ctime changed) — and restores exactly;
+/// `--full` reads everything again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_incremental_snapshot_reads_only_the_changed_files() {
+    let env = CliEnv::new().await;
+    let k = &env.kmsfs;
+    let (cipher, plain) = env.create("inc").await;
+    let _g = CliMountGuard(plain.clone());
+    env.mount(&cipher, &plain, &[]).await.ok();
+    let mut rng = Rng::new(5);
+    fs::create_dir_all(plain.join("d")).unwrap();
+    for i in 0..20 {
+        fs::write(plain.join(format!("d/f{i:02}")), rng.bytes(256 * 1024)).unwrap();
+    }
+    let state_a = at_rest(&env, &cipher, &plain).await;
+    let target = format!("file://{}", env.path("store").display());
+    let first = k
+        .run_async(&["snapshot", "create", s(&cipher), &target, "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(first["files_unchanged"], 0, "{first}");
+    let total = first["bytes"].as_u64().unwrap();
+    assert_eq!(first["bytes_read"].as_u64().unwrap(), total, "{first}");
+
+    // Two files change: one appended to, one rewritten in place with the
+    // same size and its old mtime put back.
+    env.mount(&cipher, &plain, &[]).await.ok();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(plain.join("d/f03"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"appended").unwrap();
+    drop(f);
+    let p = plain.join("d/f11");
+    let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+    fs::write(&p, rng.bytes(256 * 1024)).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let state_b = at_rest(&env, &cipher, &plain).await;
+    assert_ne!(state_a, state_b);
+    let second = k
+        .run_async(&["snapshot", "create", s(&cipher), &target, "--json"])
+        .await
+        .ok()
+        .json();
+    // 18 of the 20 files are taken from the cache, and read is about the
+    // two changed files (each 256 KiB plus a 32-byte file header).
+    assert!(
+        second["files_unchanged"].as_u64().unwrap() >= 18,
+        "{second}"
+    );
+    let read = second["bytes_read"].as_u64().unwrap();
+    assert!(
+        (2 * 256 * 1024..=2 * 256 * 1024 + 64 * 1024).contains(&read),
+        "{second}"
+    );
+    assert_eq!(
+        second["bytes_unchanged"].as_u64().unwrap() + read,
+        second["bytes"].as_u64().unwrap(),
+        "{second}"
+    );
+    let id_b = second["id"].as_str().unwrap();
+    assert_eq!(
+        restore_and_describe(k, &target, id_b, env.dir.path(), "b").await,
+        state_b
+    );
+    let full = k
+        .run_async(&[
+            "snapshot",
+            "create",
+            s(&cipher),
+            &target,
+            "--json",
+            "--full",
+        ])
+        .await
+        .ok()
+        .json();
+    assert_eq!(full["files_unchanged"], 0, "{full}");
+    assert_eq!(full["bytes_read"], full["bytes"], "{full}");
+
+    // Progress: without a terminal, plain lines on stderr; on a terminal
+    // (`script` gives the command a pty), a bar instead of those lines.
+    let r = k
+        .run_async(&["snapshot", "create", s(&cipher), &target])
+        .await
+        .ok();
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l == "kmsfs: snapshot: reading and uploading")
+            && r.stderr
+                .lines()
+                .any(|l| l.starts_with("kmsfs: snapshot: publishing the manifest: done, ")),
+        "{}",
+        r.stderr
+    );
+    let cmd = format!(
+        "{} --config {} snapshot create {} {target}",
+        kmsfs_bin().display(),
+        k.config.display(),
+        cipher.display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("reading and uploading") && !tty.contains("kmsfs: snapshot: "),
+        "{tty}"
+    );
 }

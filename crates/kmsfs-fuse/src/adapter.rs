@@ -164,7 +164,12 @@ impl Filesystem for KmsFs {
             atime,
             mtime,
         };
-        reply_attr(reply, self.setattr_as(caller(req), ino.0, change));
+        let _pass = self.gate.pass();
+        let r = self.setattr_as(caller(req), ino.0, change);
+        if size.is_some() {
+            self.changed(ino.0);
+        }
+        reply_attr(reply, r);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -181,9 +186,13 @@ impl Filesystem for KmsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _pass = self.gate.pass();
         let r = self.create_inheriting(parent.0, mode, umask, false, |mode| {
             self.mknod(caller(req), parent.0, name, mode, rdev)
         });
+        if let Ok(attr) = &r {
+            self.changed(attr.ino.0);
+        }
         reply_entry(reply, r);
     }
 
@@ -196,17 +205,24 @@ impl Filesystem for KmsFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _pass = self.gate.pass();
         let r = self.create_inheriting(parent.0, mode, umask, true, |mode| {
             self.mkdir(caller(req), parent.0, name, mode)
         });
+        // Its new `kmsfs.diriv` may reuse a freed inode number.
+        if let Ok(attr) = &r {
+            self.changed(attr.ino.0);
+        }
         reply_entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.pass();
         reply_empty(reply, self.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.pass();
         reply_empty(reply, self.rmdir(parent.0, name));
     }
 
@@ -219,6 +235,7 @@ impl Filesystem for KmsFs {
         reply: ReplyEntry,
     ) {
         let target = target.as_os_str().as_bytes();
+        let _pass = self.gate.pass();
         reply_entry(
             reply,
             self.symlink(caller(req), parent.0, link_name, target),
@@ -235,6 +252,7 @@ impl Filesystem for KmsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.pass();
         let r = self.rename(parent.0, name, newparent.0, newname, flags.bits());
         reply_empty(reply, r);
     }
@@ -247,13 +265,18 @@ impl Filesystem for KmsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _pass = self.gate.pass();
         reply_entry(reply, self.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let truncate = flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        // Only a truncating open changes the store: other opens, like
+        // reads, go on during a snapshot's freeze.
+        let _pass = truncate.then(|| self.gate.pass());
         let r = self.node(ino.0).and_then(|node| {
             self.open_file(ino.0, &node)?;
-            if flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            if truncate {
                 if let Err(e) = self.truncate_file(ino.0, &node, 0) {
                     self.release_file(&node);
                     return Err(e);
@@ -261,6 +284,9 @@ impl Filesystem for KmsFs {
             }
             Ok(append_flag(flags.0))
         });
+        if truncate {
+            self.changed(ino.0);
+        }
         reply_open(reply, r);
     }
 
@@ -293,12 +319,16 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = self.gate.pass();
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             if let Err(e) = self.kill_privileges(ino.0) {
                 return reply.error(e);
             }
         }
-        match self.write_file(ino.0, fh.0, offset, data) {
+        let r = self.write_file(ino.0, fh.0, offset, data);
+        // Recorded even on failure: a failed write may have changed bytes.
+        self.changed(ino.0);
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -460,6 +490,9 @@ impl Filesystem for KmsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        // Held during a snapshot freeze like every change (snapshots do not
+        // carry attributes yet, so nothing is recorded for the capture).
+        let _pass = self.gate.pass();
         reply_empty(reply, self.setxattr(ino.0, name, value, flags));
     }
 
@@ -472,6 +505,7 @@ impl Filesystem for KmsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.pass();
         reply_empty(reply, self.removexattr(ino.0, name));
     }
 
@@ -493,9 +527,13 @@ impl Filesystem for KmsFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _pass = self.gate.pass();
         let r = self.create_inheriting(parent.0, mode, umask, false, |mode| {
             self.create(caller(req), parent.0, name, mode & 0o7777)
         });
+        if let Ok(attr) = &r {
+            self.changed(attr.ino.0);
+        }
         match r {
             Ok(attr) => reply.created(
                 &TTL,
@@ -518,6 +556,9 @@ impl Filesystem for KmsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.allocate_file(ino.0, offset, length, mode));
+        let _pass = self.gate.pass();
+        let r = self.allocate_file(ino.0, offset, length, mode);
+        self.changed(ino.0);
+        reply_empty(reply, r);
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::attrs::file_attr;
 use crate::errors::{backing_errno, errno, Result};
+use crate::freeze::WriteGate;
 use crate::inodes::{Inodes, Kind, LinkEntry, Node};
 use crate::listing::Listings;
 use crate::space::SpaceErrors;
@@ -52,6 +53,8 @@ pub struct KmsFs {
     pub(crate) inodes: Inodes,
     pub(crate) listings: Listings,
     pub(crate) space: Arc<SpaceErrors>,
+    /// Holds modifying requests while a snapshot captures (`freeze`).
+    pub(crate) gate: Arc<WriteGate>,
     pub(crate) read_only: bool,
     pub(crate) writeback: bool,
     /// What the kernel agreed to for extended attributes and ACLs.
@@ -108,6 +111,7 @@ impl KmsFs {
             inodes: Inodes::new(fd, OwnedFd::from(lock.try_clone()?), &st, true),
             listings: Listings::default(),
             space: Arc::new(SpaceErrors::default()),
+            gate: Arc::new(WriteGate::default()),
             read_only,
             writeback,
             xattr_caps: crate::xattrs::XattrCaps::default(),

@@ -97,6 +97,13 @@ pub struct Node {
     pub dir_iv: OnceLock<[u8; DIR_IV_LEN]>,
 }
 
+impl Node {
+    /// The backing inode number the node stands for.
+    pub fn backing_ino(&self) -> u64 {
+        self.backing_ino
+    }
+}
+
 /// Maps FUSE inode numbers to nodes. FUSE inode numbers are the backing
 /// inode numbers, except that the backing root is 1 (and a backing inode
 /// numbered 1, if any, takes the root's number), so they stay stable

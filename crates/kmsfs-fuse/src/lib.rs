@@ -9,6 +9,7 @@ mod attrs;
 mod backing_xattr;
 mod entries;
 mod errors;
+mod freeze;
 mod fs;
 mod inodes;
 pub mod kernel_mount;
@@ -18,6 +19,7 @@ mod space;
 mod sys;
 mod xattrs;
 
+pub use freeze::{DrainTimeout, Frozen, WriteGate};
 pub use fs::KmsFs;
 pub use fuser::MountOption;
 pub use xattrs::getxattr_requests;
@@ -50,6 +52,7 @@ pub struct MountSettings {
 /// (`umount`, a signal handler) to unmount it.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    gate: std::sync::Arc<WriteGate>,
     mountpoint: PathBuf,
     fs_type: &'static str,
 }
@@ -79,6 +82,11 @@ impl Mounted {
         );
         std::fs::write(&path, format!("{kb}\n"))
             .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+    }
+
+    /// The gate that holds modifying requests during a snapshot.
+    pub fn write_gate(&self) -> std::sync::Arc<WriteGate> {
+        self.gate.clone()
     }
 
     /// Waits until the filesystem is unmounted and the daemon threads end.
@@ -159,6 +167,7 @@ pub fn spawn_mount(
     config.n_threads = Some(settings.threads.max(1));
     config.clone_fd = true;
     let space = fs.space_errors();
+    let gate = fs.write_gate();
     let fd = match kernel_mount::mount(cipherdir, mountpoint, &opts, settings.allow_other) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
@@ -171,6 +180,7 @@ pub fn spawn_mount(
             space.set_notifier(session.notifier());
             return Ok(Mounted {
                 session: Some(session),
+                gate,
                 mountpoint: mountpoint.to_path_buf(),
                 fs_type: "fuse",
             });
@@ -193,6 +203,7 @@ pub fn spawn_mount(
     space.set_notifier(session.notifier());
     Ok(Mounted {
         session: Some(session),
+        gate,
         mountpoint: mountpoint.to_path_buf(),
         fs_type: kernel_mount::FS_TYPE,
     })

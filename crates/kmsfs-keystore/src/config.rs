@@ -208,10 +208,12 @@ pub struct KmsConfig {
     /// PEM private key for mutual TLS (with `client_cert`), mode 0600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_key: Option<PathBuf>,
-    /// Timeout of each HTTP request, in seconds.
+    /// Deadline of each KMS request as a whole, in seconds: every node,
+    /// every retry and the pauses between them.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
-    /// How many times a request is tried (across nodes) before giving up.
+    /// Vault: at most this many rounds per request (a round tries each
+    /// usable node once), within the deadline.
     #[serde(default = "default_attempts")]
     pub attempts: u32,
     /// KMIP only: the cipher mode to wrap with (default `auto`).

@@ -161,8 +161,18 @@ pub enum KmsError {
 
 impl KmsError {
     /// True for errors worth retrying on another attempt or node.
+    /// A 429 or 5xx answer that kept coming until the deadline is one too:
+    /// a rate limit or an election passes.
     pub(crate) fn is_transient(&self) -> bool {
-        matches!(self, KmsError::Unreachable { .. } | KmsError::Sealed { .. })
+        matches!(
+            self,
+            KmsError::Unreachable { .. }
+                | KmsError::Sealed { .. }
+                | KmsError::Http {
+                    status: 429 | 500 | 502..=504,
+                    ..
+                }
+        )
     }
 
     /// True when the same request may succeed later without anyone changing

@@ -32,6 +32,6 @@ pub use kmip::{KmipClient, KmipStatus, KmipWrapped};
 pub use kms::{KmsClient, WrappedMasterKey};
 pub use secret_file::read_secret_file;
 pub use vault::{
-    Credentials, KeyInfo, NodeHealth, NodeState, RenewedToken, SealStatus, TokenInfo, VaultClient,
-    WrappedKey,
+    Credentials, KeyInfo, NodeHealth, NodeReport, NodeState, RenewedToken, SealStatus, TokenInfo,
+    VaultClient, WrappedKey,
 };

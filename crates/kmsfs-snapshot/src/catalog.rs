@@ -38,18 +38,7 @@ const HEAD_READ: u64 = 64 * 1024;
 pub async fn list(store: &Store) -> Result<Vec<SnapshotInfo>, SnapshotError> {
     let mut out = Vec::new();
     for (id, size) in store.snapshot_ids().await? {
-        let rel = manifest_rel(&id);
-        let head = match store
-            .os
-            .get_range(&store.path(&rel), 0..size.min(HEAD_READ))
-            .await
-        {
-            Ok(b) => {
-                let line = b.split(|c| *c == b'\n').next().unwrap_or(&[]);
-                serde_json::from_slice::<Head>(line).map_err(|e| format!("unreadable head: {e}"))
-            }
-            Err(e) => Err(store.error(&format!("reading {rel}"), e).to_string()),
-        };
+        let head = read_head(store, &id, size).await;
         out.push(match head {
             Ok(h) => SnapshotInfo {
                 id,
@@ -68,6 +57,38 @@ pub async fn list(store: &Store) -> Result<Vec<SnapshotInfo>, SnapshotError> {
                 error: Some(e),
             },
         });
+    }
+    Ok(out)
+}
+
+/// The head line of snapshot `id`'s manifest (`size` bytes long), read
+/// with one ranged GET; not authenticated.
+async fn read_head(store: &Store, id: &str, size: u64) -> Result<Head, String> {
+    let rel = manifest_rel(id);
+    match store
+        .os
+        .get_range(&store.path(&rel), 0..size.min(HEAD_READ))
+        .await
+    {
+        Ok(b) => {
+            let line = b.split(|c| *c == b'\n').next().unwrap_or(&[]);
+            serde_json::from_slice::<Head>(line).map_err(|e| format!("unreadable head: {e}"))
+        }
+        Err(e) => Err(store.error(&format!("reading {rel}"), e).to_string()),
+    }
+}
+
+/// A snapshot id and its manifest head, or why it could not be read.
+pub type SnapshotHead = (String, Result<Head, String>);
+
+/// Every snapshot in `store` with its manifest head (or why it could not
+/// be read), oldest first. Nothing here is authenticated: for advice such
+/// as `kms check`, never for a restore.
+pub async fn heads(store: &Store) -> Result<Vec<SnapshotHead>, SnapshotError> {
+    let mut out = Vec::new();
+    for (id, size) in store.snapshot_ids().await? {
+        let head = read_head(store, &id, size).await;
+        out.push((id, head));
     }
     Ok(out)
 }

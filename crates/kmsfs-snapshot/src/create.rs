@@ -27,8 +27,9 @@ use tokio::task::JoinSet;
 
 use crate::error::SnapshotError;
 use crate::manifest::{Entry, Head, Kind, ManifestWriter, Summary, MANIFEST_VERSION};
-use crate::objects::{chunk_rel, manifest_rel, new_id, ChunkId, CHUNK_SIZE};
+use crate::objects::{chunk_rel, manifest_rel, new_id, parse_chunk, ChunkId, CHUNK_SIZE};
 use crate::target::Store;
+use crate::unchanged::{self, CacheReader, CacheWriter, Seen};
 use crate::Progress;
 
 /// Name of the header file, carried in the manifest's head rather than as
@@ -50,6 +51,12 @@ pub struct CreateRequest<'a> {
     pub label: Option<String>,
     /// Uploads in flight at once.
     pub concurrency: usize,
+    /// The unchanged-file cache for this filesystem and target
+    /// ([`crate::unchanged`]); `None`: every file is read, no cache kept.
+    pub cache: Option<&'a Path>,
+    /// Read every file even where the cache says it is unchanged (the
+    /// cache is still written for the next snapshot).
+    pub full: bool,
 }
 
 /// What a snapshot took and uploaded.
@@ -75,6 +82,13 @@ pub struct CreateStats {
     pub objects_reused: u64,
     /// Size of the manifest object.
     pub manifest_bytes: u64,
+    /// Regular files taken from the unchanged-file cache: not read, not
+    /// hashed.
+    pub files_unchanged: u64,
+    /// Bytes in those files.
+    pub bytes_unchanged: u64,
+    /// Bytes of backing files read (and hashed) by this run.
+    pub bytes_read: u64,
 }
 
 struct Job {
@@ -99,6 +113,27 @@ pub async fn create(
         .unwrap_or(0);
     let now = now_ms.div_euclid(1000);
     let id = new_id(now_ms);
+    let start_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    let cache_key = unchanged::cache_key(req.manifest_key)
+        .map_err(|e| SnapshotError::Internal(e.to_string()))?;
+    let chunk_size = CHUNK_SIZE as u64;
+    let cache_in = match (req.cache, req.full) {
+        (Some(p), false) => CacheReader::open(p, &cache_key, req.fs_uuid, chunk_size),
+        _ => None,
+    };
+    let cache_out = req.cache.and_then(|p| {
+        CacheWriter::new(p, &cache_key, &id, req.fs_uuid, chunk_size, start_ns)
+            .map_err(|e| {
+                tracing::warn!(
+                    "{}: cannot write the unchanged-file cache ({e}); the next snapshot reads every file",
+                    p.display()
+                )
+            })
+            .ok()
+    });
     let head = Head {
         kmsfs_snapshot: MANIFEST_VERSION,
         id: id.clone(),
@@ -130,8 +165,9 @@ pub async fn create(
         known,
         links: HashMap::new(),
         summary: Summary::default(),
-        holes: 0,
-        reused: 0,
+        stats: WalkStats::default(),
+        cache_in,
+        cache_out,
         progress: progress.clone(),
     };
     progress.phase("reading and uploading", None);
@@ -145,7 +181,12 @@ pub async fn create(
     // An upload error explains a walker that stopped because the uploads
     // did: report it first.
     up?;
-    let (writer, summary, holes, reused) = walked?;
+    let Walked {
+        writer,
+        summary,
+        stats: ws,
+        cache,
+    } = walked?;
     let (file, len) = writer
         .finish(&summary)
         .map_err(|e| SnapshotError::io(std::env::temp_dir(), e))?;
@@ -157,24 +198,36 @@ pub async fn create(
     progress.phase("publishing the manifest", Some(len));
     put_file(&store, &manifest_rel(&id), file, &*progress).await?;
     progress.done();
+    // The cache describes a published snapshot only.
+    if let Some(c) = cache {
+        let done = c.finish().and_then(|p| p.commit());
+        if let Err(e) = done {
+            tracing::warn!(
+                "cannot write the unchanged-file cache ({e}); the next snapshot reads every file"
+            );
+        }
+    }
     Ok(CreateStats {
         id,
         entries: summary.entries,
         files: summary.files,
         bytes: summary.bytes,
         chunks: summary.chunks,
-        holes,
+        holes: ws.holes,
         objects_uploaded: uploaded.load(Ordering::Relaxed),
         bytes_uploaded: uploaded_bytes.load(Ordering::Relaxed),
-        objects_reused: reused,
+        objects_reused: ws.reused,
         manifest_bytes: len,
+        files_unchanged: ws.files_unchanged,
+        bytes_unchanged: ws.bytes_unchanged,
+        bytes_read: ws.bytes_read,
     })
 }
 
 /// Uploads a local file to `rel`: one PUT when small, a multipart upload
 /// (8 MiB parts, several in flight) when large, so a manifest of any size
 /// streams; the object appears only when the upload completes.
-async fn put_file(
+pub(crate) async fn put_file(
     store: &Store,
     rel: &str,
     mut file: File,
@@ -256,7 +309,23 @@ async fn upload_all(
     Ok(())
 }
 
-type Walked = (ManifestWriter, Summary, u64, u64);
+/// Counts kept by the walker besides the manifest's summary.
+#[derive(Debug, Default)]
+struct WalkStats {
+    holes: u64,
+    reused: u64,
+    files_unchanged: u64,
+    bytes_unchanged: u64,
+    bytes_read: u64,
+}
+
+/// What the walker hands back.
+struct Walked {
+    writer: ManifestWriter,
+    summary: Summary,
+    stats: WalkStats,
+    cache: Option<CacheWriter>,
+}
 
 /// The blocking half: reads the backing directory, writes the manifest,
 /// queues chunks the store lacks.
@@ -268,8 +337,11 @@ struct Walker {
     /// (device, inode) of files with more than one name → first path.
     links: HashMap<(u64, u64), String>,
     summary: Summary,
-    holes: u64,
-    reused: u64,
+    stats: WalkStats,
+    /// The previous snapshot's unchanged-file cache, read along the walk.
+    cache_in: Option<CacheReader>,
+    /// This snapshot's cache.
+    cache_out: Option<CacheWriter>,
     progress: Arc<dyn Progress>,
 }
 
@@ -332,7 +404,10 @@ impl Walker {
                     self.links.insert(key, rel.clone());
                 }
                 entry.kind = Kind::File;
-                self.read_file(&path, &mut entry)?;
+                if !self.reuse(&rel, &meta, &mut entry) {
+                    self.read_file(&path, &mut entry)?;
+                }
+                self.remember(&rel, &meta, &entry);
                 self.summary.files += 1;
                 self.summary.bytes += entry.size;
             } else if ft.is_symlink() {
@@ -363,7 +438,70 @@ impl Walker {
             }
             self.write(&entry)?;
         }
-        Ok((self.writer, self.summary, self.holes, self.reused))
+        Ok(Walked {
+            writer: self.writer,
+            summary: self.summary,
+            stats: self.stats,
+            cache: self.cache_out,
+        })
+    }
+
+    /// Fills `entry` from the unchanged-file cache when the file at `rel`
+    /// is as the previous snapshot saw it and every chunk it names is in
+    /// the store; false when the file must be read.
+    fn reuse(&mut self, rel: &str, meta: &std::fs::Metadata, entry: &mut Entry) -> bool {
+        let Some(seen) = self.cache_in.as_mut().and_then(|c| c.find(rel)) else {
+            return false;
+        };
+        if !seen.matches(meta)
+            || seen.chunks.len() as u64 != meta.size().div_ceil(CHUNK_SIZE as u64)
+        {
+            return false;
+        }
+        let mut chunks = 0u64;
+        let mut holes = 0u64;
+        for h in &seen.chunks {
+            if h.is_empty() {
+                holes += 1;
+                continue;
+            }
+            match parse_chunk(h) {
+                Some(id) if self.known.contains(&id) => chunks += 1,
+                _ => return false,
+            }
+        }
+        entry.size = meta.size();
+        entry.chunks = seen.chunks;
+        self.summary.chunks += chunks;
+        self.stats.reused += chunks;
+        self.stats.holes += holes;
+        self.stats.files_unchanged += 1;
+        self.stats.bytes_unchanged += entry.size;
+        self.progress.inc(entry.size);
+        true
+    }
+
+    /// Records the file in this snapshot's cache (a write error drops the
+    /// cache: the next snapshot then reads every file).
+    fn remember(&mut self, rel: &str, meta: &std::fs::Metadata, entry: &Entry) {
+        let Some(c) = self.cache_out.as_mut() else {
+            return;
+        };
+        let seen = Seen {
+            p: rel.to_string(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: entry.size,
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            chunks: entry.chunks.clone(),
+        };
+        if let Err(e) = c.add(&seen) {
+            tracing::warn!(
+                "cannot write the unchanged-file cache ({e}); the next snapshot reads every file"
+            );
+            self.cache_out = None;
+        }
     }
 
     fn write(&mut self, e: &Entry) -> Result<(), SnapshotError> {
@@ -387,11 +525,12 @@ impl Walker {
             }
             buf.truncate(n);
             entry.size += n as u64;
+            self.stats.bytes_read += n as u64;
             self.progress.inc(n as u64);
             if buf.iter().all(|b| *b == 0) {
                 // A hole (kmsfs reads all-zero units as zeros): no object.
                 entry.chunks.push(String::new());
-                self.holes += 1;
+                self.stats.holes += 1;
             } else {
                 let id: ChunkId = Sha256::digest(&buf).into();
                 entry.chunks.push(hex::encode(id));
@@ -404,7 +543,7 @@ impl Walker {
                         })
                         .map_err(|_| SnapshotError::Internal("the uploads stopped".into()))?;
                 } else {
-                    self.reused += 1;
+                    self.stats.reused += 1;
                 }
             }
             if n < CHUNK_SIZE {

@@ -42,14 +42,17 @@ pub mod error;
 pub mod manifest;
 pub mod objects;
 pub mod restore;
+pub mod rewrap;
 pub mod target;
+pub mod unchanged;
 
-pub use catalog::{delete, list, DeleteStats, SnapshotInfo};
+pub use catalog::{delete, heads, list, DeleteStats, SnapshotInfo};
 pub use create::{create, CreateRequest, CreateStats};
 pub use error::SnapshotError;
 pub use manifest::{Manifest, Verified};
 pub use objects::CHUNK_SIZE;
 pub use restore::{fetch_manifest, prepare_destination, restore, RestoreStats};
+pub use rewrap::replace_header;
 pub use target::{S3Options, Store, Target};
 
 /// Progress reports from a long operation (a bar on a terminal, lines

@@ -172,12 +172,23 @@ impl ManifestWriter {
         self.line(e)
     }
 
+    /// Appends bytes that are already manifest lines (a copy).
+    fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.mac.update(bytes);
+        self.out.write_all(bytes)
+    }
+
     /// Appends the summary and the MAC; returns the file, rewound, and its
     /// length.
     pub(crate) fn finish(mut self, summary: &Summary) -> io::Result<(File, u64)> {
         self.line(&SummaryLine {
             summary: summary.clone(),
         })?;
+        self.seal()
+    }
+
+    /// Appends the MAC line; returns the file, rewound, and its length.
+    fn seal(mut self) -> io::Result<(File, u64)> {
         let tag = self.mac.clone().finalize().into_bytes();
         let mut s = serde_json::to_vec(&MacLine {
             mac: hex::encode(tag),
@@ -281,6 +292,49 @@ impl Manifest {
                 .to_string()
         })?;
         Ok(Verified(self))
+    }
+
+    /// Writes this manifest again into `out` with `head` as its first line
+    /// and every other line (entries, summary) copied byte for byte, under
+    /// a new MAC with `key`; returns the file, rewound, and its length.
+    /// `snapshot rewrap` uses it to replace the header a snapshot carries.
+    pub(crate) fn rewrite_head(
+        &self,
+        key: &[u8],
+        head: &Head,
+        out: File,
+    ) -> io::Result<(File, u64)> {
+        let mut w = ManifestWriter::new(out, key, head)?;
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(0))?;
+        let mut r = BufReader::with_capacity(256 * 1024, f);
+        let mut first = Vec::new();
+        let start = r.read_until(b'\n', &mut first)? as u64;
+        let mut left = self.mac_at.checked_sub(start).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the manifest's MAC line is misplaced",
+            )
+        })?;
+        let mut buf = vec![0u8; 256 * 1024];
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = r.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the manifest changed while it was read",
+                ));
+            }
+            w.raw(&buf[..n])?;
+            left -= n as u64;
+        }
+        w.seal()
+    }
+
+    /// The manifest's bytes, as downloaded.
+    pub(crate) fn raw(&self) -> &File {
+        &self.file
     }
 
     /// The entries, in order (parents before children). Only meaningful

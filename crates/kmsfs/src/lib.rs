@@ -18,17 +18,22 @@
 //!   that holds a key or token;
 //! * [`slotkms`]: which key slots a KMS configuration reaches, and the
 //!   clients that reach them;
+//! * [`snapshot_targets`]: the snapshot targets this host used, for
+//!   `kms check`;
 //! * [`header_update`]: replacing the header under a lock, with a backup
 //!   and proof that the new one opens;
 //! * [`commands`]: `kms set|show|unset|check`, `create`, `info`, `list`,
 //!   `rewrap`, `slot list|add|remove`;
 //! * [`mount`], [`mount_options`], [`daemon`]: `kmsfs mount`/`umount`, the
 //!   `mount.kmsfs` helper, `-o` option parsing and the daemon start-up;
+//! * [`control`], [`live_capture`]: the daemon's control socket and the
+//!   point-in-time capture of a mounted filesystem for `snapshot create`;
 //! * [`generate`]: the man pages and shell completions `scripts/install` installs.
 
 #![warn(missing_docs)]
 
 pub mod commands;
+pub mod control;
 pub mod daemon;
 pub mod fsheader;
 pub mod generate;
@@ -37,10 +42,12 @@ pub mod header_update;
 pub mod keycheck;
 pub mod kms_session;
 pub mod kmsconfig;
+pub mod live_capture;
 pub mod mount;
 pub mod mount_checks;
 pub mod mount_options;
 pub mod registry;
 pub mod slotkms;
 pub mod slotwrap;
+pub mod snapshot_targets;
 pub mod timefmt;

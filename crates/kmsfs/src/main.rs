@@ -103,14 +103,34 @@ fn run(config: &Path, command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn report(result: anyhow::Result<()>) -> ExitCode {
+fn report(result: anyhow::Result<()>, json: bool) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if json => {
+            let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+            eprintln!("{}", error_json(&e.to_string(), &causes));
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("kmsfs: error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// True when the command line asks for JSON (`--json` before any `--`):
+/// the error, if any, is then one JSON object too, so that a script
+/// reading JSON never has to parse a text message.
+fn wants_json(args: &[OsString]) -> bool {
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json")
+}
+
+/// `{"error": MESSAGE, "causes": [CAUSE, ...]}` on one line: the error's
+/// own message and the chain of causes below it, outermost first.
+fn error_json(message: &str, causes: &[String]) -> String {
+    serde_json::json!({ "error": message, "causes": causes }).to_string()
 }
 
 fn main() -> ExitCode {
@@ -123,11 +143,19 @@ fn main() -> ExitCode {
         .map(|n| n.to_string_lossy().into_owned());
     if invoked_as.as_deref() == Some("mount.kmsfs") {
         init_logging();
-        return report(mount::run_mount_helper(args.collect()));
+        return report(mount::run_mount_helper(args.collect()), false);
     }
+    let json = wants_json(&args.collect::<Vec<_>>());
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) if json => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let message = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("{}", error_json(message, &[]));
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             // Usage errors: same prefix and exit code as every other error.
             eprint!("kmsfs: {}", e.render());
@@ -135,5 +163,29 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
-    report(run(&cli.config, cli.command))
+    report(run(&cli.config, cli.command), json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_asked_for_before_a_double_dash_only() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(wants_json(&args(&["kms", "check", "--json"])));
+        assert!(!wants_json(&args(&["kms", "check"])));
+        assert!(!wants_json(&args(&["mount", "--", "--json"])));
+        assert!(!wants_json(&args(&["info", "--jsonx"])));
+    }
+
+    #[test]
+    fn errors_as_json_are_one_object() {
+        let e = anyhow::anyhow!("inner \"cause\"").context("outer");
+        let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+        let v: serde_json::Value =
+            serde_json::from_str(&error_json(&e.to_string(), &causes)).expect("valid JSON");
+        assert_eq!(v["error"], "outer");
+        assert_eq!(v["causes"], serde_json::json!(["inner \"cause\""]));
+    }
 }

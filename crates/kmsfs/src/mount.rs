@@ -194,6 +194,18 @@ fn serve(
         cipherdir.display(),
         mountpoint.display()
     );
+    // For point-in-time snapshots of this mount; removed when `serve` returns.
+    let _control =
+        match crate::control::server::start(&cipherdir, &mountpoint, session.write_gate()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(
+                    "no control socket, so `kmsfs snapshot create` cannot snapshot this \
+                     mount: {e:#}"
+                );
+                None
+            }
+        };
     if let Some(r) = ready {
         r.ok();
     }

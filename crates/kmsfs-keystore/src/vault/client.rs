@@ -16,21 +16,19 @@ use crate::config::KmsConfig;
 use crate::error::{KmsError, Result};
 use crate::secret_file::read_secret_file;
 use crate::vault::auth::Credentials;
-use crate::vault::health::{NodeHealth, NodeState};
-
-/// First pause between attempts; doubled each time, capped at [`MAX_BACKOFF`].
-const BASE_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+use crate::vault::retry::Deadline;
 
 /// An async client for the parts of the Vault / OpenBao HTTP API kmsfs uses.
 ///
 /// Built from a [`KmsConfig`] without touching the network. Every request
-/// goes to the active node of the configured addresses (found with
-/// `sys/health` and remembered until it fails), fails over to the next
-/// address on connection errors, timeouts and sealed nodes, and is tried at
-/// most `attempts` times with exponential backoff, each try bounded by
-/// `timeout_secs`. With AppRole the client logs in on first use and once
-/// more when a request is refused with 403 (expired token).
+/// goes to the best usable node of the configured addresses (the active
+/// node, else a standby, which forwards; found with parallel `sys/health`
+/// probes and remembered until it fails), fails over to the next node on
+/// connection errors, timeouts and sealed nodes, and retries 429 and 5xx
+/// answers with backoff and jitter, for at most `attempts` rounds, all
+/// within one deadline of `timeout_secs` (modules `vault::ha` and
+/// `vault::retry`). With AppRole the client logs in on first use
+/// and once more when a request is refused with 403 (expired token).
 ///
 /// Tokens are held in [`SecretBytes`]; HTTP header copies made by `reqwest`
 /// are marked sensitive but cannot be zeroized.
@@ -44,7 +42,8 @@ pub struct VaultClient {
     pub(crate) attempts: u32,
     pub(crate) credentials: Credentials,
     pub(crate) token: tokio::sync::Mutex<Option<SecretBytes>>,
-    active: Mutex<Option<usize>>,
+    /// The node that answered last (the active one when it is known).
+    pub(crate) active: Mutex<Option<usize>>,
 }
 
 /// The token self-lookup path, used to tell a dead token from a narrow policy.
@@ -67,9 +66,11 @@ impl std::fmt::Debug for VaultClient {
 pub(crate) struct Reply {
     pub status: u16,
     pub body: Zeroizing<Vec<u8>>,
+    /// The `Retry-After` header, when the server sent one (in seconds).
+    pub retry_after: Option<Duration>,
 }
 
-enum Transport {
+pub(crate) enum Transport {
     Tls(String),
     Other(String),
 }
@@ -216,10 +217,12 @@ impl VaultClient {
         body: Option<&[u8]>,
     ) -> Result<Reply> {
         let mut relogged_in = false;
+        // One deadline for the request, its retries and the lookup below.
+        let deadline = Deadline::after(self.timeout);
         loop {
             let token = self.current_token().await?;
             let reply = self
-                .send(method.clone(), path, body, token.as_ref(), true)
+                .send_until(method.clone(), path, body, token.as_ref(), true, deadline)
                 .await?;
             if reply.status == 403 {
                 if !relogged_in && self.credentials.can_login() {
@@ -246,7 +249,14 @@ impl VaultClient {
                 // itself up is the former.
                 if path != LOOKUP_SELF
                     && self
-                        .send(Method::GET, LOOKUP_SELF, None, token.as_ref(), true)
+                        .send_until(
+                            Method::GET,
+                            LOOKUP_SELF,
+                            None,
+                            token.as_ref(),
+                            true,
+                            deadline,
+                        )
                         .await
                         .map(|r| r.status == 403)
                         .unwrap_or(false)
@@ -269,78 +279,9 @@ impl VaultClient {
         }
     }
 
-    /// Sends one request to the active node, failing over and retrying.
-    /// 503 and 502/504 answers count as node failures. Returns the reply of
-    /// the first node that answered otherwise.
-    pub(crate) async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&[u8]>,
-        token: Option<&SecretBytes>,
-        with_namespace: bool,
-    ) -> Result<Reply> {
-        let mut last: Option<KmsError> = None;
-        for attempt in 0..self.attempts {
-            if attempt > 0 {
-                let pause = BASE_BACKOFF
-                    .saturating_mul(1 << (attempt - 1).min(16))
-                    .min(MAX_BACKOFF);
-                tokio::time::sleep(pause).await;
-            }
-            let idx = match self.select_active().await {
-                Ok(i) => i,
-                Err(e) if e.is_transient() => {
-                    tracing::debug!(error = %e, attempt, "no active KMS node");
-                    last = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let addr = &self.addresses[idx];
-            match self
-                .send_to(addr, method.clone(), path, body, token, with_namespace)
-                .await
-            {
-                Ok(reply) if matches!(reply.status, 502..=504) => {
-                    self.forget_active(idx);
-                    let errs = api_errors(&reply.body);
-                    last = Some(
-                        if reply.status == 503 && errs.iter().any(|e| e.contains("sealed")) {
-                            KmsError::Sealed {
-                                address: addr.clone(),
-                            }
-                        } else {
-                            KmsError::Unreachable {
-                                addresses: addr.clone(),
-                                detail: format!("HTTP {}: {}", reply.status, errs.join("; ")),
-                            }
-                        },
-                    );
-                }
-                Ok(reply) => return Ok(reply),
-                Err(Transport::Tls(detail)) => {
-                    return Err(KmsError::Tls {
-                        detail: format!("{addr}: {detail}"),
-                    })
-                }
-                Err(Transport::Other(detail)) => {
-                    tracing::warn!(address = %addr, %detail, "KMS request failed; failing over");
-                    self.forget_active(idx);
-                    last = Some(KmsError::Unreachable {
-                        addresses: addr.clone(),
-                        detail,
-                    });
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| KmsError::Unreachable {
-            addresses: self.addresses.join(", "),
-            detail: "no attempt was made".into(),
-        }))
-    }
-
-    async fn send_to(
+    /// One request to one node, bounded by `limit`; no retries.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_to_within(
         &self,
         addr: &str,
         method: Method,
@@ -348,9 +289,10 @@ impl VaultClient {
         body: Option<&[u8]>,
         token: Option<&SecretBytes>,
         with_namespace: bool,
+        limit: Duration,
     ) -> std::result::Result<Reply, Transport> {
         let url = format!("{addr}/v1/{path}");
-        let mut req = self.http.request(method, &url);
+        let mut req = self.http.request(method, &url).timeout(limit);
         if let Some(t) = token {
             // Shared with reqwest without a copy, and wiped when its last
             // user drops it.
@@ -376,119 +318,38 @@ impl VaultClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(shared);
         }
-        let mut resp = req.send().await.map_err(|e| self.classify(&e))?;
+        let mut resp = req.send().await.map_err(|e| classify(&e, limit))?;
         let status = resp.status().as_u16();
+        let retry_after = crate::vault::retry::retry_after(resp.headers());
         let body = read_body(&mut resp).await.map_err(|e| match e {
-            BodyError::Http(e) => self.classify(&e),
+            BodyError::Http(e) => classify(&e, limit),
             BodyError::TooLarge => Transport::Other(format!(
                 "the answer to {path} is larger than {MAX_RESPONSE} bytes"
             )),
         })?;
-        Ok(Reply { status, body })
-    }
-
-    fn classify(&self, e: &reqwest::Error) -> Transport {
-        if e.is_timeout() {
-            return Transport::Other(format!("timed out after {} s", self.timeout.as_secs()));
-        }
-        let cause = innermost_cause(e);
-        if is_tls_error(e) {
-            return Transport::Tls(format!(
-                "{cause} (check `ca_cert` / VAULT_CACERT and the address scheme)"
-            ));
-        }
-        if e.is_connect() {
-            return Transport::Other(format!("cannot connect: {cause}"));
-        }
-        Transport::Other(cause)
-    }
-
-    fn forget_active(&self, idx: usize) {
-        let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        if *a == Some(idx) {
-            *a = None;
-        }
-    }
-
-    /// The index of the active node: the remembered one, or the first
-    /// address whose `sys/health` answers 200.
-    async fn select_active(&self) -> Result<usize> {
-        if let Some(i) = *self.active.lock().unwrap_or_else(|p| p.into_inner()) {
-            return Ok(i);
-        }
-        let mut states = Vec::new();
-        for (i, addr) in self.addresses.iter().enumerate() {
-            let h = self.node_health(addr).await;
-            if h.state == NodeState::Active {
-                *self.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(i);
-                return Ok(i);
-            }
-            states.push(h);
-        }
-        if let Some(h) = states.iter().find(|h| h.state == NodeState::Sealed) {
-            return Err(KmsError::Sealed {
-                address: h.address.clone(),
-            });
-        }
-        if let Some(h) = states.iter().find(|h| matches!(h.state, NodeState::Tls(_))) {
-            if let NodeState::Tls(d) = &h.state {
-                return Err(KmsError::Tls {
-                    detail: format!("{}: {d}", h.address),
-                });
-            }
-        }
-        Err(KmsError::Unreachable {
-            addresses: self.addresses.join(", "),
-            detail: states
-                .iter()
-                .map(|h| format!("{}: {}", h.address, h.state))
-                .collect::<Vec<_>>()
-                .join("; "),
+        Ok(Reply {
+            status,
+            body,
+            retry_after,
         })
     }
+}
 
-    /// `GET /v1/sys/health` on one node, interpreted. Never fails: transport
-    /// problems become [`NodeState::Unreachable`] or [`NodeState::Tls`].
-    pub async fn node_health(&self, addr: &str) -> NodeHealth {
-        #[derive(Deserialize, Default)]
-        struct Raw {
-            version: Option<String>,
-            cluster_name: Option<String>,
-        }
-        let addr = addr.trim_end_matches('/');
-        let (state, raw) = match self
-            .send_to(addr, Method::GET, "sys/health", None, None, false)
-            .await
-        {
-            Err(Transport::Tls(d)) => (NodeState::Tls(d), Raw::default()),
-            Err(Transport::Other(d)) => (NodeState::Unreachable(d), Raw::default()),
-            Ok(r) => {
-                let raw = serde_json::from_slice::<Raw>(&r.body).unwrap_or_default();
-                let state = match r.status {
-                    400 if String::from_utf8_lossy(&r.body).contains("HTTPS server") => {
-                        NodeState::Tls(
-                            "the server speaks HTTPS but the address is http://; use https://"
-                                .into(),
-                        )
-                    }
-                    200 => NodeState::Active,
-                    429 => NodeState::Standby,
-                    472 => NodeState::DrSecondary,
-                    473 => NodeState::PerformanceStandby,
-                    501 => NodeState::NotInitialized,
-                    503 => NodeState::Sealed,
-                    other => NodeState::Unexpected(other),
-                };
-                (state, raw)
-            }
-        };
-        NodeHealth {
-            address: addr.to_string(),
-            state,
-            version: raw.version,
-            cluster_name: raw.cluster_name,
-        }
+/// A transport failure as TLS (not worth another node) or anything else.
+fn classify(e: &reqwest::Error, limit: Duration) -> Transport {
+    if e.is_timeout() {
+        return Transport::Other(format!("timed out after {:.1} s", limit.as_secs_f64()));
     }
+    let cause = innermost_cause(e);
+    if is_tls_error(e) {
+        return Transport::Tls(format!(
+            "{cause} (check `ca_cert` / VAULT_CACERT and the address scheme)"
+        ));
+    }
+    if e.is_connect() {
+        return Transport::Other(format!("cannot connect: {cause}"));
+    }
+    Transport::Other(cause)
 }
 
 /// Refuses the vault CLI's TLS variables kmsfs does not implement yet, so
@@ -696,6 +557,7 @@ fn error_chain(e: &reqwest::Error) -> String {
 mod tests {
     use super::*;
     use crate::config::AuthConfig;
+    use crate::vault::health::NodeState;
     use std::io::{Read as _, Write as _};
 
     /// A one-shot HTTP server answering 200 with `body`, written in small

@@ -3,11 +3,12 @@
 
 use std::fmt;
 
+use futures_util::future::join_all;
 use reqwest::Method;
 use serde::Deserialize;
 
 use crate::error::{KmsError, Result};
-use crate::vault::client::{http_error, parse_data, VaultClient};
+use crate::vault::client::{http_error, parse_data, Transport, VaultClient};
 
 /// What `sys/health` says about one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +84,24 @@ pub struct SealStatus {
     pub cluster_name: Option<String>,
 }
 
+/// What `kms check` shows about one node: its health and, when it
+/// answered, its seal status (seal type, storage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeReport {
+    /// `sys/health`.
+    pub health: NodeHealth,
+    /// `sys/seal-status`, or why it could not be read.
+    pub seal: std::result::Result<SealStatus, String>,
+}
+
 impl SealStatus {
+    /// True for Shamir seals: after a restart an operator must unseal
+    /// the node by hand (auto-unseal seals such as `awskms` or `transit`
+    /// unseal themselves).
+    pub fn is_shamir(&self) -> bool {
+        self.seal_type.as_deref() == Some("shamir")
+    }
+
     /// True when the server keeps everything in memory (a dev server):
     /// keys wrapped there are lost when it stops.
     pub fn is_in_memory(&self) -> bool {
@@ -115,13 +133,43 @@ pub struct TokenInfo {
 }
 
 impl VaultClient {
-    /// `sys/health` of every configured address, in order.
+    /// `sys/health` of every configured address, in order (probed in
+    /// parallel).
     pub async fn health(&self) -> Vec<NodeHealth> {
-        let mut out = Vec::with_capacity(self.addresses.len());
-        for a in &self.addresses {
-            out.push(self.node_health(a).await);
+        join_all(self.addresses.iter().map(|a| self.node_health(a))).await
+    }
+
+    /// `sys/health` and `sys/seal-status` of every configured address, in
+    /// order (all probed in parallel; unauthenticated).
+    pub async fn node_reports(&self) -> Vec<NodeReport> {
+        join_all(self.addresses.iter().map(|a| async move {
+            let (health, seal) = tokio::join!(self.node_health(a), self.node_seal_status(a));
+            NodeReport { health, seal }
+        }))
+        .await
+    }
+
+    /// `sys/seal-status` of one node (sealed or not; unauthenticated).
+    pub async fn node_seal_status(&self, addr: &str) -> std::result::Result<SealStatus, String> {
+        let reply = self
+            .send_to_within(
+                addr.trim_end_matches('/'),
+                Method::GET,
+                "sys/seal-status",
+                None,
+                None,
+                false,
+                self.timeout,
+            )
+            .await
+            .map_err(|t| match t {
+                Transport::Tls(d) | Transport::Other(d) => d,
+            })?;
+        if reply.status != 200 {
+            return Err(format!("HTTP {}", reply.status));
         }
-        out
+        serde_json::from_slice::<SealStatus>(&reply.body)
+            .map_err(|e| format!("cannot parse /v1/sys/seal-status: {e}"))
     }
 
     /// `sys/seal-status` of the first address that answers (sealed or not;

@@ -17,6 +17,7 @@ pub mod list;
 pub mod rewrap;
 pub mod slot;
 pub mod snapshot;
+pub mod snapshot_rewrap;
 
 pub use create::{run_create, CreateArgs};
 pub use fsck::{run_fsck, FsckArgs};

@@ -243,33 +243,36 @@ async fn rewrap_kmip_slot(
     Ok(Some(new))
 }
 
-/// Rewraps every slot of the filesystem in `dir` that this configuration's
-/// KMS opens (or only `only`, a label or index), and reports each slot.
-/// Slots of other KMSes are left as they are. The header on disk is
-/// replaced once, after every new wrapping has been unwrapped again and the
-/// new header shown to authenticate; a backup (`kmsfs.header.bak`) exists
-/// while it is replaced. Fails when the header cannot be unlocked or
-/// written; per-slot failures are in the report.
-pub async fn rewrap_one(
+/// The outcome of [`rewrap_slots`].
+pub struct RewrappedSlots {
+    /// The header with every rewrapped slot replaced (not yet sealed).
+    pub header: Header,
+    /// One report per selected slot.
+    pub reports: Vec<SlotReport>,
+    /// True when at least one slot changed.
+    pub changed: bool,
+}
+
+/// Rewraps the slots of an authenticated `header` (opened by slot `opened`
+/// to `master`) that `access` reaches — or only `only`, a label or index —
+/// and reports each one. Every new wrapping has been unwrapped again to
+/// `master` before it is in the returned header. `dir` names the header
+/// in messages (a backing directory, or a snapshot). Shared by `rewrap` and
+/// `snapshot rewrap`.
+pub async fn rewrap_slots(
     access: &KmsAccess,
-    dir: &Path,
+    header: &Header,
+    master: &MasterKey,
+    opened: usize,
     new_key: Option<&str>,
     only: Option<&str>,
-) -> anyhow::Result<Vec<SlotReport>> {
-    let lock = HeaderLock::acquire(dir)?;
-    let (old_bytes, hdr): (Vec<u8>, UnverifiedHeader) = read_header_bytes(dir)?;
-    // Authenticate the current header first: never rewrap a forged one.
-    let Unlocked {
-        header,
-        keys,
-        master,
-        slot: opened,
-    } = unlock(access, dir, hdr).await?;
+    dir: &Path,
+) -> anyhow::Result<RewrappedSlots> {
     let selected: Vec<usize> = match only {
-        Some(which) => vec![select_slot(&header, which, dir)?],
+        Some(which) => vec![select_slot(header, which, dir)?],
         None => (0..header.slots.len()).collect(),
     };
-    let reach = probe_slots(access, &header, &master, opened).await;
+    let reach = probe_slots(access, header, master, opened).await;
     if new_key.is_some() {
         let reached: Vec<String> = selected
             .iter()
@@ -293,7 +296,7 @@ pub async fn rewrap_one(
         let outcome = match (&slot.kms, &reach[i]) {
             (_, Err(why)) => SlotOutcome::NotReached(why.clone()),
             (SlotKms::Kmip(k), Ok(())) => {
-                match rewrap_kmip_slot(access, k, &header.uuid, &master, new_key).await {
+                match rewrap_kmip_slot(access, k, &header.uuid, master, new_key).await {
                     Ok(Some(nk)) => {
                         let o = SlotOutcome::Rewrapped {
                             old: (k.key_id.clone(), 0),
@@ -308,7 +311,7 @@ pub async fn rewrap_one(
                 }
             }
             (SlotKms::Vault(v), Ok(())) => {
-                match rewrap_slot(access, v, &header.uuid, &master, new_key).await {
+                match rewrap_slot(access, v, &header.uuid, master, new_key).await {
                     Ok(Some(nv)) => {
                         let o = SlotOutcome::Rewrapped {
                             old: (v.key_name.clone(), v.key_version),
@@ -329,6 +332,40 @@ pub async fn rewrap_one(
             outcome,
         });
     }
+    Ok(RewrappedSlots {
+        header: new_header,
+        reports,
+        changed,
+    })
+}
+
+/// Rewraps every slot of the filesystem in `dir` that this configuration's
+/// KMS opens (or only `only`, a label or index), and reports each slot.
+/// Slots of other KMSes are left as they are. The header on disk is
+/// replaced once, after every new wrapping has been unwrapped again and the
+/// new header shown to authenticate; a backup (`kmsfs.header.bak`) exists
+/// while it is replaced. Fails when the header cannot be unlocked or
+/// written; per-slot failures are in the report.
+pub async fn rewrap_one(
+    access: &KmsAccess,
+    dir: &Path,
+    new_key: Option<&str>,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<SlotReport>> {
+    let lock = HeaderLock::acquire(dir)?;
+    let (old_bytes, hdr): (Vec<u8>, UnverifiedHeader) = read_header_bytes(dir)?;
+    // Authenticate the current header first: never rewrap a forged one.
+    let Unlocked {
+        header,
+        keys,
+        master,
+        slot: opened,
+    } = unlock(access, dir, hdr).await?;
+    let RewrappedSlots {
+        header: new_header,
+        reports,
+        changed,
+    } = rewrap_slots(access, &header, &master, opened, new_key, only, dir).await?;
     if changed {
         // Every new wrapping was shown above to unwrap to `master`.
         let proof_keys = FsKeys::derive(&master, &header.uuid);

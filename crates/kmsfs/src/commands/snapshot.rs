@@ -9,6 +9,7 @@ use std::io::IsTerminal as _;
 use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use kmsfs_core::header::UnverifiedHeader;
@@ -16,9 +17,11 @@ use kmsfs_snapshot::{NoProgress, Progress, S3Options, Store, Target};
 use serde_json::json;
 
 use crate::commands::{absolute, kms_access, print_json, uuid_string};
+use crate::control::client::Control;
 use crate::fsheader::{read_header_at, unlock, Unlocked};
 use crate::keycheck::KeyCheck;
 use crate::kmsconfig::{load_kms_config, registry_path};
+use crate::live_capture;
 use crate::registry::{Entry as RegistryEntry, Registry};
 
 /// Uploads or downloads in flight at once.
@@ -47,8 +50,9 @@ pub struct StoreOpts {
 /// The `kmsfs snapshot` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum SnapshotCommand {
-    /// Snapshot an unmounted filesystem to TARGET (s3://BUCKET[/PREFIX] or a
-    /// directory); prints the snapshot id.
+    /// Snapshot a filesystem to TARGET (s3://BUCKET[/PREFIX] or a
+    /// directory); prints the snapshot id. A mounted filesystem is captured
+    /// at one instant through its daemon's control socket (root only).
     Create {
         /// The backing (encrypted) directory.
         cipherdir: PathBuf,
@@ -57,6 +61,15 @@ pub enum SnapshotCommand {
         /// A label stored with the snapshot (in the clear).
         #[arg(long)]
         label: Option<String>,
+        /// Read and hash every file, even those the unchanged-file cache
+        /// shows as unchanged since the last snapshot to TARGET.
+        #[arg(long)]
+        full: bool,
+        /// Mounted filesystems: the longest the daemon holds writes for
+        /// the capture before resuming them by itself (the snapshot then
+        /// fails).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        freeze_timeout: u64,
         /// Endpoint and output options.
         #[command(flatten)]
         opts: StoreOpts,
@@ -82,6 +95,28 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         opts: StoreOpts,
     },
+    /// After a KMS key rotation: rewrap the keys SNAPSHOT (or --all) in
+    /// TARGET carries with the newest key version, or another key; one
+    /// line per key slot.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["snapshot", "all"])))]
+    Rewrap {
+        /// s3://BUCKET[/PREFIX], file:///DIR or /DIR.
+        target: String,
+        /// The snapshot id.
+        snapshot: Option<String>,
+        /// Every snapshot in TARGET.
+        #[arg(long, conflicts_with = "snapshot")]
+        all: bool,
+        /// Move to this key instead of the newest version of the current one.
+        #[arg(long, value_name = "NAME")]
+        new_key: Option<String>,
+        /// Rewrap only this slot (label or index).
+        #[arg(long, value_name = "LABEL|INDEX")]
+        slot: Option<String>,
+        /// Endpoint and output options.
+        #[command(flatten)]
+        opts: StoreOpts,
+    },
     /// Delete SNAPSHOT from TARGET, and the objects no other snapshot uses.
     Delete {
         /// s3://BUCKET[/PREFIX], file:///DIR or /DIR.
@@ -99,7 +134,9 @@ impl SnapshotArgs {
     pub fn holds_secrets(&self) -> bool {
         matches!(
             self.command,
-            SnapshotCommand::Create { .. } | SnapshotCommand::Restore { .. }
+            SnapshotCommand::Create { .. }
+                | SnapshotCommand::Restore { .. }
+                | SnapshotCommand::Rewrap { .. }
         )
     }
 }
@@ -118,8 +155,18 @@ pub fn run_snapshot(config_path: &Path, args: SnapshotArgs) -> anyhow::Result<()
             cipherdir,
             target,
             label,
+            full,
+            freeze_timeout,
             opts,
-        } => rt.block_on(run_create(config_path, &cipherdir, &target, label, &opts)),
+        } => rt.block_on(run_create(
+            config_path,
+            &cipherdir,
+            &target,
+            label,
+            full,
+            Duration::from_secs(freeze_timeout),
+            &opts,
+        )),
         SnapshotCommand::List { target, opts } => rt.block_on(run_list(&target, &opts)),
         SnapshotCommand::Restore {
             target,
@@ -132,10 +179,32 @@ pub fn run_snapshot(config_path: &Path, args: SnapshotArgs) -> anyhow::Result<()
             snapshot,
             opts,
         } => rt.block_on(run_delete(&target, &snapshot, &opts)),
+        SnapshotCommand::Rewrap {
+            target,
+            snapshot,
+            all: _,
+            new_key,
+            slot,
+            opts,
+        } => rt.block_on(crate::commands::snapshot_rewrap::run_snapshot_rewrap(
+            config_path,
+            crate::commands::snapshot_rewrap::RewrapRequest {
+                target: &target,
+                snapshot: snapshot.as_deref(),
+                new_key: new_key.as_deref(),
+                slot: slot.as_deref(),
+            },
+            &opts,
+        )),
     }
 }
 
-fn open_store(target: &str, opts: &StoreOpts, create: bool) -> anyhow::Result<Arc<Store>> {
+/// Opens TARGET with the endpoint options.
+pub(crate) fn open_store(
+    target: &str,
+    opts: &StoreOpts,
+    create: bool,
+) -> anyhow::Result<Arc<Store>> {
     let t = Target::parse(target)?;
     let s3 = S3Options {
         endpoint: opts.s3_endpoint.clone(),
@@ -143,11 +212,19 @@ fn open_store(target: &str, opts: &StoreOpts, create: bool) -> anyhow::Result<Ar
     Ok(Arc::new(Store::open(&t, &s3, create)?))
 }
 
-/// Takes the lock a mount daemon takes on the backing root (`flock`
-/// exclusive, see kmsfs-fuse `KmsFs::new`): while the returned descriptor
-/// is open no mount can start, and if a daemon holds it the filesystem is
-/// mounted.
-fn lock_unmounted(cipherdir: &Path) -> anyhow::Result<File> {
+/// Where a snapshot reads from.
+enum Source {
+    /// Not mounted: the lock a mount daemon takes on the backing root
+    /// (`flock` exclusive, see kmsfs-fuse `KmsFs::new`); while it is held
+    /// no mount can start.
+    Unmounted(File),
+    /// Mounted: a session with the daemon's control socket.
+    Mounted(Control),
+}
+
+/// Takes the backing root's lock, or, if a daemon holds it, connects to
+/// that daemon's control socket.
+fn open_source(cipherdir: &Path) -> anyhow::Result<Source> {
     let dir =
         File::open(cipherdir).with_context(|| format!("cannot open {}", cipherdir.display()))?;
     // A daemon that was just unmounted may take a moment to exit and drop
@@ -157,36 +234,50 @@ fn lock_unmounted(cipherdir: &Path) -> anyhow::Result<File> {
     loop {
         // SAFETY: `dir` is an open descriptor for the duration of the call.
         if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(dir);
+            return Ok(Source::Unmounted(dir));
         }
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(e).with_context(|| format!("cannot lock {}", cipherdir.display()));
         }
+        if let Some(ctl) = Control::connect(cipherdir)? {
+            return Ok(Source::Mounted(ctl));
+        }
         if std::time::Instant::now() >= deadline {
             anyhow::bail!(
-                "{} is mounted (a kmsfs daemon holds its lock): a snapshot of a mounted \
-                 filesystem is not supported yet; unmount it, take the snapshot, mount it again",
-                cipherdir.display()
+                "{} is mounted (a kmsfs daemon holds its lock) but no daemon answers on its \
+                 control socket in {} (a daemon from an older kmsfs, or one not running as \
+                 root): unmount it and take the snapshot, or remount it with this kmsfs",
+                cipherdir.display(),
+                kmsfs_control_dir()
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
-/// How long `snapshot create` waits for a mount daemon's lock to go.
+/// How long `snapshot create` waits for a mount daemon's lock to go (or
+/// its control socket to answer).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn kmsfs_control_dir() -> &'static str {
+    crate::control::RUN_DIR
+}
 
 async fn run_create(
     config_path: &Path,
     cipherdir: &Path,
     target: &str,
     label: Option<String>,
+    full: bool,
+    freeze_timeout: Duration,
     opts: &StoreOpts,
 ) -> anyhow::Result<()> {
     let cipherdir = absolute(cipherdir)?;
-    let lock = lock_unmounted(&cipherdir)?;
-    let (header_bytes, hdr) = read_header_at(lock.as_fd(), &cipherdir)?;
+    let source = open_source(&cipherdir)?;
+    let dir =
+        File::open(&cipherdir).with_context(|| format!("cannot open {}", cipherdir.display()))?;
+    let (header_bytes, hdr) = read_header_at(dir.as_fd(), &cipherdir)?;
     let store = open_store(target, opts, true)?;
     let cfg = load_kms_config(config_path)?;
     let kms = kms_access(&cfg)?;
@@ -194,16 +285,55 @@ async fn run_create(
     // gives the key its manifest is authenticated with.
     let Unlocked { header, keys, .. } = unlock(&kms, &cipherdir, hdr).await?;
     let fs_uuid = uuid_string(&header.uuid);
+    // A mounted filesystem is read from a capture of one instant; the
+    // upload then runs with writes going on.
+    // The lock (unmounted) is held until the snapshot is published.
+    let mut source = Some(source);
+    let mut attempts = 0;
+    let (_lock, capture) = loop {
+        let src = match source.take() {
+            Some(s) => s,
+            None => open_source(&cipherdir)?,
+        };
+        match src {
+            Source::Unmounted(lock) => break (Some(lock), None),
+            Source::Mounted(mut ctl) => {
+                match live_capture::capture(&cipherdir, &mut ctl, freeze_timeout) {
+                    Ok(c) => break (None, Some(c)),
+                    // A daemon that was just unmounted still answers for a
+                    // moment, then goes: look again (lock or socket).
+                    Err(_) if ctl.gone_before_freeze() && attempts < 3 => {
+                        attempts += 1;
+                        drop(ctl);
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("cannot capture {}", cipherdir.display()))
+                    }
+                }
+            }
+        }
+    };
+    let read_from = match &capture {
+        Some(c) => c.tree.clone(),
+        None => cipherdir.clone(),
+    };
     let progress = progress(opts.json);
+    let cache = crate::snapshot_targets::cache_path(config_path, &fs_uuid, store.display());
     let stats = kmsfs_snapshot::create(
         store.clone(),
         kmsfs_snapshot::CreateRequest {
-            cipherdir: &cipherdir,
+            cipherdir: &read_from,
             header: &header_bytes,
             fs_uuid: &fs_uuid,
             manifest_key: keys.snapshot_manifest_key(),
             label,
             concurrency: CONCURRENCY,
+            // A capture's staging copies are new files each time: the
+            // cache could never match them, so it is left as it is.
+            cache: capture.is_none().then_some(cache.as_path()),
+            full,
         },
         progress,
     )
@@ -214,12 +344,28 @@ async fn run_create(
             cipherdir.display()
         )
     })?;
-    drop(lock);
+    crate::snapshot_targets::remember_quietly(
+        config_path,
+        target,
+        opts.s3_endpoint.as_deref(),
+        Some(&fs_uuid),
+    );
     if opts.json {
         let mut v = serde_json::to_value(&stats).context("cannot encode JSON")?;
         v["target"] = json!(store.display());
         v["fs_uuid"] = json!(fs_uuid);
+        v["mounted"] = json!(capture.is_some());
+        if let Some(c) = &capture {
+            v["write_pause_ms"] = json!(c.stats.write_pause_ms);
+            v["capture"] = serde_json::to_value(&c.stats).context("cannot encode JSON")?;
+        }
         return print_json(&v);
+    }
+    if let Some(c) = &capture {
+        eprintln!(
+            "kmsfs: snapshot: captured while mounted; writes were held for {:.1} ms",
+            c.stats.write_pause_ms
+        );
     }
     println!("{}", stats.id);
     Ok(())
@@ -271,9 +417,25 @@ async fn run_restore(
         .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: header is not base64: {e}"))?;
     let hdr = UnverifiedHeader::parse(&header_bytes)
         .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: header: {e}"))?;
-    let Unlocked { header, keys, .. } = unlock(&kms, &newdir, hdr)
-        .await
-        .with_context(|| format!("cannot unlock the header of snapshot {snapshot}"))?;
+    let Unlocked { header, keys, .. } = match unlock(&kms, &newdir, hdr).await {
+        Ok(u) => u,
+        Err(e) => {
+            // A snapshot keeps the wrapping it was taken with: after a
+            // rotation and a raise of min_decryption_version it needs a
+            // `snapshot rewrap`, which the KMS's refusal does not say.
+            let text = e.to_string();
+            let hint = if text.contains("min_decryption_version") {
+                format!(
+                    "; this snapshot was not rewrapped after the key was rotated: lower the key's \
+                     min_decryption_version, run `kmsfs snapshot rewrap {target} {snapshot}`, \
+                     then raise it again"
+                )
+            } else {
+                String::new()
+            };
+            anyhow::bail!("cannot unlock the header of snapshot {snapshot}: {text}{hint}");
+        }
+    };
     let fs_uuid = uuid_string(&header.uuid);
     if !fs_uuid.eq_ignore_ascii_case(&manifest.head.fs_uuid) {
         anyhow::bail!(

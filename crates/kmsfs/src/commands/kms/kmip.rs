@@ -138,6 +138,7 @@ pub(super) fn run_set(config_path: &Path, a: &SetArgs) -> anyhow::Result<()> {
             mode_name(mode)
         );
     }
+    super::unlockable::guard_registered(config_path, &cfg, a.force, !a.skip_kms_test)?;
     if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create directory {}", dir.display()))?;

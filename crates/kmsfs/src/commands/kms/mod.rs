@@ -5,7 +5,10 @@
 
 mod ca_file;
 mod kmip;
+mod nodes;
 mod renew;
+mod snapshot_checks;
+mod unlockable;
 
 use std::path::{Path, PathBuf};
 
@@ -93,8 +96,8 @@ pub struct SetArgs {
     /// PEM client private key for mutual TLS (mode 0600).
     #[arg(long, value_name = "FILE", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
-    /// Timeout of each KMS request, in seconds (KMIP: one deadline per
-    /// operation across all addresses).
+    /// Deadline of each KMS request, in seconds: every address and every
+    /// retry included.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub timeout: u64,
     /// KMIP only: cipher mode to wrap with: `auto` (AES-GCM with KMIP 1.4,
@@ -112,6 +115,10 @@ pub struct SetArgs {
     /// (the unwrapped master key then crosses the network unencrypted).
     #[arg(long)]
     pub allow_insecure_http: bool,
+    /// Save even though registered filesystems cannot be unlocked with the
+    /// new configuration.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `kmsfs kms show`.
@@ -286,6 +293,7 @@ fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
     }
     // The verifying client (and its login, revoked now) is done with.
     drop(client);
+    unlockable::guard_registered(config_path, &cfg, a.force, !a.skip_kms_test)?;
     if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create directory {}", dir.display()))?;
@@ -506,51 +514,8 @@ async fn async_checks(
     plans: &Plans,
     c: &mut Checks,
 ) {
-    let addrs = cfg.addresses.join(", ");
-    match client.seal_status().await {
-        Ok(s) if s.sealed => {
-            c.add(
-                Status::Fail,
-                "seal",
-                format!("KMS at {addrs} is sealed; unseal it"),
-            );
-            return;
-        }
-        Ok(s) => {
-            c.add(
-                Status::Ok,
-                "reachable",
-                format!(
-                    "KMS at {addrs} answers (version {}, unsealed)",
-                    s.version.as_deref().unwrap_or("unknown")
-                ),
-            );
-            if s.is_in_memory() {
-                c.add(
-                    Status::Warn,
-                    "storage",
-                    "KMS uses in-memory storage (a dev server): its keys vanish when it stops, and every filesystem wrapped by it with them; no disaster recovery",
-                );
-            } else {
-                c.add(
-                    Status::Ok,
-                    "storage",
-                    format!(
-                        "storage type {}",
-                        s.storage_type.as_deref().unwrap_or("unknown")
-                    ),
-                );
-            }
-        }
-        Err(e) => {
-            c.add(Status::Fail, "reachable", e.to_string());
-            return;
-        }
-    }
-    if cfg.addresses.len() > 1 {
-        for h in client.health().await {
-            c.add(Status::Ok, "node", format!("{}: {}", h.address, h.state));
-        }
+    if !nodes::node_checks(client, c).await {
+        return;
     }
     if let Err(e) = client.login().await {
         c.add(Status::Fail, "auth", e.to_string());
@@ -645,6 +610,7 @@ async fn async_checks(
         Err(e) => c.add(Status::Fail, "probe", e.to_string()),
     }
     filesystem_checks(cfg, client, config_path, plans, c).await;
+    snapshot_checks::snapshot_checks(cfg, client, config_path, plans, c).await;
 }
 
 /// Planned `min_decryption_version` raises: key name to version.
@@ -685,6 +651,14 @@ async fn filesystem_checks(
         Err(e) => {
             c.add(Status::Warn, "registry", format!("{e:#}"));
             return;
+        }
+    };
+    let access = match (reg.is_empty(), crate::slotkms::KmsAccess::new(cfg)) {
+        (true, _) => None,
+        (false, Ok(a)) => Some(a),
+        (false, Err(e)) => {
+            c.add(Status::Fail, "credentials", e.to_string());
+            None
         }
     };
     let mut key_cache: std::collections::BTreeMap<String, Option<kmsfs_keystore::KeyInfo>> =
@@ -786,6 +760,9 @@ async fn filesystem_checks(
                     format!("{name}: key '{}' version {}", v.key_name, v.key_version),
                 );
             }
+        }
+        if let Some(access) = &access {
+            unlockable::check_line(access, &e.path, c).await;
         }
     }
     for (key, n) in plans {
