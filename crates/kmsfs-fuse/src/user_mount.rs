@@ -127,11 +127,12 @@ fn receive_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     }
     // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR checks the length.
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    // SAFETY: `cmsg` is checked non-null and lies inside `control`.
-    if cmsg.is_null()
-        || unsafe { (*cmsg).cmsg_level } != libc::SOL_SOCKET
-        || unsafe { (*cmsg).cmsg_type } != libc::SCM_RIGHTS
-    {
+    // SAFETY: `cmsg` is non-null (checked first) and lies inside `control`.
+    let rights = !cmsg.is_null()
+        && unsafe {
+            (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+        };
+    if !rights {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "fusermount3 sent no descriptor",
