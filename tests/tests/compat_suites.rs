@@ -17,6 +17,14 @@ struct Mounted {
 }
 
 fn mount(allow_other: bool) -> Mounted {
+    mount_with(MountSettings {
+        allow_other,
+        threads: 4,
+        ..Default::default()
+    })
+}
+
+fn mount_with(settings: MountSettings) -> Mounted {
     let tmp = tempfile::tempdir().unwrap();
     let cipher = tmp.path().join("cipher");
     let plain = tmp.path().join("plain");
@@ -29,11 +37,6 @@ fn mount(allow_other: bool) -> Mounted {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let settings = MountSettings {
-        allow_other,
-        threads: 4,
-        ..Default::default()
-    };
     let guard = MountGuard::mount_with(&cipher, &plain, &MasterKey::generate().unwrap(), &settings)
         .unwrap();
     Mounted {
@@ -117,7 +120,21 @@ fn pjdfstest_passes() {
 
 #[test]
 fn fsx_fifty_thousand_operations() {
-    let m = mount(false);
+    run_fsx(mount(false));
+}
+
+/// The same run on a `shared_storage` mount: no writeback cache, no
+/// attribute or entry caching.
+#[test]
+fn fsx_fifty_thousand_operations_shared_storage() {
+    run_fsx(mount_with(MountSettings {
+        threads: 4,
+        shared_storage: true,
+        ..Default::default()
+    }));
+}
+
+fn run_fsx(m: Mounted) {
     let artifacts = m._tmp.path().join("fsx-artifacts");
     fs::create_dir(&artifacts).unwrap();
     let out = Command::new(tool("fsx"))

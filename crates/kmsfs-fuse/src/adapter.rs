@@ -21,8 +21,15 @@ use tracing::debug;
 
 /// How long the kernel may cache attributes and entries. Every change goes
 /// through this daemon, which tells the kernel; the backing directory must
-/// not be changed underneath a live mount (docs/compat.md).
-const TTL: Duration = Duration::from_secs(30);
+/// not be changed underneath a live mount (docs/compat.md). A
+/// `shared_storage` mount uses [`SHARED_TTL`] instead.
+pub(crate) const TTL: Duration = Duration::from_secs(30);
+
+/// The attribute and entry lifetime of a `shared_storage` mount: none, so
+/// that every lookup and `stat` asks the backing store, which other hosts
+/// change behind this daemon's back (gocryptfs `-sharedstorage` does the
+/// same).
+pub(crate) const SHARED_TTL: Duration = Duration::ZERO;
 
 fn caller(req: &Request) -> Caller {
     Caller {
@@ -38,16 +45,16 @@ fn reply_empty(reply: ReplyEmpty, r: Result<()>) {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, r: Result<FileAttr>) {
+fn reply_entry(reply: ReplyEntry, ttl: &Duration, r: Result<FileAttr>) {
     match r {
-        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Ok(attr) => reply.entry(ttl, &attr, Generation(0)),
         Err(e) => reply.error(e),
     }
 }
 
-fn reply_attr(reply: ReplyAttr, r: Result<FileAttr>) {
+fn reply_attr(reply: ReplyAttr, ttl: &Duration, r: Result<FileAttr>) {
     match r {
-        Ok(attr) => reply.attr(&TTL, &attr),
+        Ok(attr) => reply.attr(ttl, &attr),
         Err(e) => reply.error(e),
     }
 }
@@ -118,7 +125,7 @@ impl Filesystem for KmsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.lookup(parent.0, name));
+        reply_entry(reply, &self.ttl, self.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -134,6 +141,7 @@ impl Filesystem for KmsFs {
         }
         reply_attr(
             reply,
+            &self.ttl,
             self.node(ino.0).and_then(|n| self.attr_of(ino.0, &n)),
         );
     }
@@ -169,7 +177,7 @@ impl Filesystem for KmsFs {
         if size.is_some() {
             self.changed(ino.0);
         }
-        reply_attr(reply, r);
+        reply_attr(reply, &self.ttl, r);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -193,7 +201,7 @@ impl Filesystem for KmsFs {
         if let Ok(attr) = &r {
             self.changed(attr.ino.0);
         }
-        reply_entry(reply, r);
+        reply_entry(reply, &self.ttl, r);
     }
 
     fn mkdir(
@@ -213,7 +221,7 @@ impl Filesystem for KmsFs {
         if let Ok(attr) = &r {
             self.changed(attr.ino.0);
         }
-        reply_entry(reply, r);
+        reply_entry(reply, &self.ttl, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -238,6 +246,7 @@ impl Filesystem for KmsFs {
         let _pass = self.gate.pass();
         reply_entry(
             reply,
+            &self.ttl,
             self.symlink(caller(req), parent.0, link_name, target),
         );
     }
@@ -266,7 +275,7 @@ impl Filesystem for KmsFs {
         reply: ReplyEntry,
     ) {
         let _pass = self.gate.pass();
-        reply_entry(reply, self.link(ino.0, newparent.0, newname));
+        reply_entry(reply, &self.ttl, self.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -424,7 +433,14 @@ impl Filesystem for KmsFs {
                     continue;
                 };
                 attr.ino = INodeNo(e.ino);
-                if reply.add(INodeNo(e.ino), next, &e.name, &TTL, &attr, Generation(0)) {
+                if reply.add(
+                    INodeNo(e.ino),
+                    next,
+                    &e.name,
+                    &self.ttl,
+                    &attr,
+                    Generation(0),
+                ) {
                     break;
                 }
                 continue;
@@ -433,7 +449,7 @@ impl Filesystem for KmsFs {
             let Ok((_, attr)) = self.lookup_backing(ino.0, &dir, &e.backing) else {
                 continue; // removed since the listing was taken
             };
-            if reply.add(attr.ino, next, &e.name, &TTL, &attr, Generation(0)) {
+            if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, Generation(0)) {
                 self.inodes.forget(attr.ino.0, 1);
                 break;
             }
@@ -536,7 +552,7 @@ impl Filesystem for KmsFs {
         }
         match r {
             Ok(attr) => reply.created(
-                &TTL,
+                &self.ttl,
                 &attr,
                 Generation(0),
                 FileHandle(append_flag(flags)),

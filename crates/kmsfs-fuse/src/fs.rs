@@ -30,12 +30,14 @@ use std::sync::Arc;
 /// finished exiting, and an immediate remount must not fail for that.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Takes the exclusive lock on the backing directory, waiting up to
-/// [`LOCK_WAIT`] for a daemon that is on its way out.
-fn lock_backing(dir: &File) -> io::Result<()> {
+/// Takes the lock on the backing directory, waiting up to [`LOCK_WAIT`]
+/// for a daemon that is on its way out: exclusive for an ordinary mount,
+/// shared for a `shared_storage` one, so that shared mounts admit each
+/// other and nothing else.
+fn lock_backing(dir: &File, shared: bool) -> io::Result<()> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match sys::try_lock(dir.as_raw_fd()) {
+        match sys::try_lock(dir.as_raw_fd(), shared) {
             Err(e)
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK)
                     && std::time::Instant::now() < deadline =>
@@ -57,34 +59,45 @@ pub struct KmsFs {
     pub(crate) gate: Arc<WriteGate>,
     pub(crate) read_only: bool,
     pub(crate) writeback: bool,
+    /// How long the kernel may cache attributes and entries.
+    pub(crate) ttl: std::time::Duration,
     /// What the kernel agreed to for extended attributes and ACLs.
     pub(crate) xattr_caps: crate::xattrs::XattrCaps,
     euid: u32,
     egid: u32,
     /// An open descriptor of the backing root holding an exclusive `flock`
-    /// for as long as this filesystem lives: a second daemon over the same
-    /// backing directory is refused (two writeback caches would overwrite
-    /// each other's data).
+    /// (shared for `shared_storage`) for as long as this filesystem lives:
+    /// a second daemon over the same backing directory is refused (two
+    /// writeback caches would overwrite each other's data) unless both are
+    /// `shared_storage` mounts.
     _lock: File,
 }
 
 impl KmsFs {
     /// Serves `cipherdir` with the subkeys `keys` (derived from the unwrapped
-    /// master key); `writeback` asks the kernel for its writeback cache.
+    /// master key); `writeback` asks the kernel for its writeback cache;
+    /// `shared` makes it a `shared_storage` mount (no writeback cache, no
+    /// attribute or entry caching, a shared lock on the backing directory).
     pub fn new(
         cipherdir: &Path,
         keys: FsKeys,
         read_only: bool,
         writeback: bool,
+        shared: bool,
     ) -> io::Result<Self> {
         let lock = File::open(cipherdir)?;
-        lock_backing(&lock).map_err(|e| {
+        lock_backing(&lock, shared).map_err(|e| {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let hint = if shared {
+                    "it is mounted without -o shared_storage, which must be unmounted first"
+                } else {
+                    "unmount it first (two mounts of one backing directory overwrite each \
+                     other's data), or mount every one of them with -o shared_storage"
+                };
                 io::Error::new(
                     io::ErrorKind::ResourceBusy,
                     format!(
-                        "{} is already mounted by another kmsfs daemon; unmount it first \
-                         (two mounts of one backing directory overwrite each other's data)",
+                        "{} is already mounted by another kmsfs daemon; {hint}",
                         cipherdir.display()
                     ),
                 )
@@ -113,7 +126,12 @@ impl KmsFs {
             space: Arc::new(SpaceErrors::default()),
             gate: Arc::new(WriteGate::default()),
             read_only,
-            writeback,
+            writeback: writeback && !shared,
+            ttl: if shared {
+                crate::adapter::SHARED_TTL
+            } else {
+                crate::adapter::TTL
+            },
             xattr_caps: crate::xattrs::XattrCaps::default(),
             // SAFETY: geteuid/getegid cannot fail.
             euid: unsafe { libc::geteuid() },

@@ -6,8 +6,8 @@
 //! systemd's mount units and `mount -a` (deciding whether an fstab line is
 //! already mounted) cannot tell apart from any other FUSE filesystem. With
 //! `CAP_SYS_ADMIN` (root) kmsfs calls mount(2) itself, as libfuse's
-//! `fuse_kern_mount` does; without it the caller falls back to fuser's
-//! mount through the setuid `fusermount3`, which records type `fuse`.
+//! `fuse_kern_mount` does; without it the caller falls back to the setuid
+//! `fusermount3` ([`crate::user_mount`]), which records the same type.
 
 use fuser::MountOption;
 use std::ffi::CString;

@@ -17,6 +17,7 @@ mod listing;
 mod open_files;
 mod space;
 mod sys;
+pub mod user_mount;
 mod xattrs;
 
 pub use freeze::{DrainTimeout, Frozen, WriteGate};
@@ -43,6 +44,11 @@ pub struct MountSettings {
     /// then reaches the daemon at once, and `ENOSPC` is reported by the
     /// write itself rather than by `fsync`/`close`.
     pub no_writeback: bool,
+    /// `shared_storage`: other mounts (on this or other hosts) change the
+    /// backing directory too. No writeback cache, no attribute or entry
+    /// caching, and a shared lock that admits other `shared_storage`
+    /// mounts only.
+    pub shared_storage: bool,
 }
 
 /// A live mount served on background threads.
@@ -55,13 +61,21 @@ pub struct Mounted {
     gate: std::sync::Arc<WriteGate>,
     mountpoint: PathBuf,
     fs_type: &'static str,
+    /// Mounted through `fusermount3` (no right to mount): unmounted
+    /// through it too, and no root-only tuning.
+    user_mount: bool,
 }
 
 impl Mounted {
-    /// Whether the kernel records the mount as `fuse.kmsfs` (we mounted
-    /// `/dev/fuse` ourselves) rather than `fuse` (through `fusermount3`).
+    /// The type the kernel records for the mount (`fuse.kmsfs`).
     pub fn fs_type(&self) -> &'static str {
         self.fs_type
+    }
+
+    /// Whether the mount went through the setuid `fusermount3` because this
+    /// process may not mount (a regular user's mount).
+    pub fn is_user_mount(&self) -> bool {
+        self.user_mount
     }
 
     /// Sets the kernel's readahead window for this mount to `kb` KiB (the
@@ -115,9 +129,57 @@ impl Drop for Mounted {
     }
 }
 
+/// Unmounts `mountpoint` (lazily with `MNT_DETACH` in `flags`): umount2(2),
+/// or, for a caller without the right to unmount (`EPERM`: a regular user's
+/// mount), `fusermount3 -u [-z]`, which lets the user who mounted unmount.
+/// A mountpoint that is no longer mounted counts as done.
+pub fn unmount(mountpoint: &Path, flags: i32) -> io::Result<()> {
+    match umount2(mountpoint, flags) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            match fusermount_unmount(mountpoint, flags & libc::MNT_DETACH != 0) {
+                Err(fe) if fe.kind() == io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+        }
+        r => r,
+    }
+}
+
+/// `fusermount3 -u [-z] MOUNTPOINT`, with its complaint as the error
+/// (`NotFound` for a mount point that is not mounted, `ResourceBusy`,
+/// `PermissionDenied` for another user's mount).
+pub fn fusermount_unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd
+        .arg("--")
+        .arg(mountpoint)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    // fusermount3 says "not found in /etc/mtab" (or "entry for ... not
+    // found") for a mount point that is no longer mounted.
+    let kind = if msg.contains("not found") {
+        io::ErrorKind::NotFound
+    } else if msg.contains("Device or resource busy") {
+        io::ErrorKind::ResourceBusy
+    } else if msg.contains("Permission denied") || msg.contains("not permitted") {
+        io::ErrorKind::PermissionDenied
+    } else {
+        io::ErrorKind::Other
+    };
+    Err(io::Error::new(kind, msg))
+}
+
 /// `umount2(mountpoint, flags)`; a mountpoint that is no longer mounted
 /// (`EINVAL`) counts as done.
-fn unmount(mountpoint: &Path, flags: i32) -> io::Result<()> {
+fn umount2(mountpoint: &Path, flags: i32) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -145,7 +207,13 @@ pub fn spawn_mount(
     keys: FsKeys,
     settings: &MountSettings,
 ) -> io::Result<Mounted> {
-    let fs = KmsFs::new(cipherdir, keys, settings.read_only, !settings.no_writeback)?;
+    let fs = KmsFs::new(
+        cipherdir,
+        keys,
+        settings.read_only,
+        !settings.no_writeback,
+        settings.shared_storage,
+    )?;
     let mut opts = Vec::new();
     if settings.allow_other {
         // The daemon runs as root and checks nothing itself: when other
@@ -168,25 +236,19 @@ pub fn spawn_mount(
     config.clone_fd = true;
     let space = fs.space_errors();
     let gate = fs.write_gate();
-    let fd = match kernel_mount::mount(cipherdir, mountpoint, &opts, settings.allow_other) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            // Not allowed to mount (not root): fuser mounts through the
-            // setuid fusermount3, and the kernel records type `fuse`.
-            opts.push(MountOption::FSName(cipherdir.display().to_string()));
-            opts.push(MountOption::Subtype("kmsfs".into()));
-            config.mount_options = opts;
-            let session = fuser::spawn_mount(fs, mountpoint, &config)?;
-            space.set_notifier(session.notifier());
-            return Ok(Mounted {
-                session: Some(session),
-                gate,
-                mountpoint: mountpoint.to_path_buf(),
-                fs_type: "fuse",
-            });
-        }
-        Err(e) => return Err(e),
-    };
+    let (fd, user_mount) =
+        match kernel_mount::mount(cipherdir, mountpoint, &opts, settings.allow_other) {
+            Ok(fd) => (fd, false),
+            // Not allowed to mount (not root: mount(2) says EPERM), or not
+            // even to open /dev/fuse (EACCES where it is mode 0600): the
+            // setuid fusermount3 mounts for the user who owns the mount
+            // point, and only that user may unmount.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => (
+                user_mount::mount(cipherdir, mountpoint, &opts, settings.allow_other)?,
+                true,
+            ),
+            Err(e) => return Err(e),
+        };
     // The kernel has queued INIT on the new connection; from here on a
     // failure must unmount again.
     let session = match fuser::Session::from_fd(fs, fd, config.acl, config.clone()) {
@@ -206,5 +268,6 @@ pub fn spawn_mount(
         gate,
         mountpoint: mountpoint.to_path_buf(),
         fs_type: kernel_mount::FS_TYPE,
+        user_mount,
     })
 }

@@ -393,10 +393,12 @@ pub fn fd_limit() -> u64 {
     r.rlim_cur
 }
 
-/// `flock(fd, LOCK_EX | LOCK_NB)`: held until the descriptor closes.
-pub fn try_lock(fd: RawFd) -> io::Result<()> {
+/// `flock(fd, LOCK_EX | LOCK_NB)` (`LOCK_SH` when `shared`): held until
+/// the descriptor closes.
+pub fn try_lock(fd: RawFd, shared: bool) -> io::Result<()> {
+    let kind = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
     // SAFETY: plain syscall on a live descriptor.
-    check(unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) }).map(drop)
+    check(unsafe { libc::flock(fd, kind | libc::LOCK_NB) }).map(drop)
 }
 
 /// Returns the allocator's free pages to the kernel (glibc `malloc_trim`),

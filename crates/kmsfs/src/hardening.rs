@@ -38,12 +38,30 @@ pub fn harden_process() -> anyhow::Result<()> {
 /// and one descriptor per known inode.
 pub fn harden_daemon() -> anyhow::Result<()> {
     harden_process()?;
-    // SAFETY: mlockall takes flags only.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
-        warn!(
-            "mlockall failed ({}); keys outside the locked key arena may be swapped",
-            std::io::Error::last_os_error()
-        );
+    match memlock_limit() {
+        Some(limit) if !has_ipc_lock() => {
+            // A regular user: locking everything would either fail now or,
+            // worse, succeed and make a later allocation fail once the
+            // heap outgrows the limit. Only the key arena is locked, as far
+            // as the limit reaches (it warns itself if it does not).
+            warn!(
+                "running without CAP_IPC_LOCK (RLIMIT_MEMLOCK {} KiB): the master key and \
+                 subkeys are held in locked memory, but per-file key schedules on the heap \
+                 may be swapped; raise the limit and run as root to lock all memory",
+                limit / 1024
+            );
+        }
+        _ => {
+            // SAFETY: mlockall takes flags only.
+            if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) }
+                != 0
+            {
+                warn!(
+                    "mlockall failed ({}); keys outside the locked key arena may be swapped",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
     let mut nofile = libc::rlimit {
         rlim_cur: 0,
@@ -57,6 +75,33 @@ pub fn harden_daemon() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `RLIMIT_MEMLOCK` in bytes, or `None` when unlimited.
+fn memlock_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Some(0);
+    }
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+}
+
+/// Whether this process may lock memory beyond `RLIMIT_MEMLOCK`
+/// (`CAP_IPC_LOCK` in its effective set, read from /proc/self/status).
+fn has_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
 #[cfg(test)]

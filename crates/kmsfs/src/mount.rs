@@ -171,6 +171,7 @@ fn serve(
         extra: opts.kernel.clone(),
         threads: FUSE_THREADS,
         no_writeback: opts.no_writeback,
+        shared_storage: opts.shared_storage,
     };
     let session =
         kmsfs_fuse::spawn_mount(&cipherdir, &mountpoint, keys, &settings).with_context(|| {
@@ -185,8 +186,11 @@ fn serve(
     std::fs::metadata(&mountpoint)
         .with_context(|| format!("the new mount at {} does not answer", mountpoint.display()))?;
     // Without it the kernel reads a FUSE file 128 KiB at a time. Only
-    // speed depends on it, so a failure (no /sys, not root) is logged.
-    if let Err(e) = session.set_readahead(kmsfs_fuse::READAHEAD_KB) {
+    // speed depends on it, so a failure (no /sys) is logged; a regular
+    // user's mount cannot write /sys and does not try.
+    if session.is_user_mount() {
+        info!("mounted through fusermount3 (not root): readahead left at the kernel's default");
+    } else if let Err(e) = session.set_readahead(kmsfs_fuse::READAHEAD_KB) {
         info!("readahead left at the kernel's default: {e}");
     }
     info!(
@@ -302,6 +306,21 @@ fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
     // SAFETY: valid C string.
     if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
         let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPERM) {
+            // Not root: a regular user's mount is unmounted by the user
+            // who mounted it, through the setuid fusermount3.
+            return kmsfs_fuse::fusermount_unmount(mp, lazy).map_err(|fe| match fe.kind() {
+                std::io::ErrorKind::NotFound => anyhow!("{} is not mounted", mp.display()),
+                std::io::ErrorKind::ResourceBusy => {
+                    anyhow!("{} is busy (files are open there)", mp.display())
+                }
+                _ => anyhow!(
+                    "unmounting {}: {e}, and fusermount3 -u (for a mount of the calling \
+                     user) said: {fe}",
+                    mp.display()
+                ),
+            });
+        }
         return Err(match e.raw_os_error() {
             Some(libc::EBUSY) => anyhow!("{} is busy (files are open there)", mp.display()),
             Some(libc::EINVAL) => anyhow!("{} is not mounted", mp.display()),

@@ -22,6 +22,9 @@ pub struct ParsedOptions {
     pub kms_config: Option<PathBuf>,
     /// `no_writeback`: no kernel writeback cache (`writeback` turns it back on).
     pub no_writeback: bool,
+    /// `shared_storage`: the backing directory is shared with other mounts
+    /// (other hosts over NFS or CephFS); no caching, no writeback cache.
+    pub shared_storage: bool,
     /// `kcv=HEX`: the key check value the unwrapped master key must have
     /// (for hosts that did not create the filesystem).
     pub kcv: Option<KeyCheck>,
@@ -84,6 +87,7 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 ("allow_other", None) => p.allow_other = true,
                 ("no_writeback", None) => p.no_writeback = true,
                 ("writeback", None) => p.no_writeback = false,
+                ("shared_storage", None) => p.shared_storage = true,
                 ("nosuid", None) => suid = false,
                 ("suid", None) => suid = true,
                 ("nodev", None) => dev = false,
@@ -110,7 +114,7 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 }
                 _ => bail!(
                     "unknown mount option '{opt}' (known: ro, rw, allow_other, nosuid, nodev, \
-                     noexec, noatime, sync, no_writeback, kms_timeout=SECONDS, kms_config=PATH, \
+                     noexec, noatime, sync, no_writeback, shared_storage, kms_timeout=SECONDS, kms_config=PATH, \
                      kcv=HEX, allow_suid_dev, and mount(8)'s _netdev, nofail, auto, noauto, user, defaults, x-*)"
                 ),
             }
@@ -152,6 +156,12 @@ mod tests {
         assert!(p.allow_other);
         assert!(!p.read_only);
         assert_eq!(p.kms_timeout, Some(300));
+        assert!(!p.shared_storage);
+        assert!(
+            parse_options(&["rw,shared_storage"])
+                .unwrap()
+                .shared_storage
+        );
     }
 
     #[test]
