@@ -210,6 +210,60 @@ async fn two_filesystems_mounted_at_once() {
     }
 }
 
+/// `kmsfs umount` waits a moment for a mount that is busy only because a
+/// process is just letting go of it, and fails clearly, naming the way
+/// out, for files that stay open.
+#[tokio::test(flavor = "multi_thread")]
+async fn umount_waits_briefly_for_files_being_closed_and_refuses_open_ones() {
+    let env = CliEnv::new().await;
+    let (cipher, plain) = env.create("busy").await;
+    let _g = CliMountGuard(plain.clone());
+    env.mount(&cipher, &plain, &[]).await.ok();
+    let f = plain.join("f");
+    fs::write(&f, b"held").unwrap();
+    let hold = |secs: &str| {
+        let mut c = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec 3<'{}'; echo held; exec sleep {secs}",
+                f.display()
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the file is open.
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "held");
+        c
+    };
+    // Held for good: refused, with the mount left as it was.
+    let mut holder = hold("600");
+    let r = env
+        .kmsfs
+        .run_async(&["umount", plain.to_str().unwrap()])
+        .await
+        .failed();
+    assert!(r.stderr.contains("is busy"), "{}", r.stderr);
+    assert!(r.stderr.contains("fuser -vm"), "{}", r.stderr);
+    assert!(is_mounted(&plain));
+    assert_eq!(fs::read(&f).unwrap(), b"held");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    // Let go of within a second: the unmount waits for it.
+    let mut holder = hold("1");
+    env.kmsfs
+        .run_async(&["umount", plain.to_str().unwrap()])
+        .await
+        .ok();
+    assert!(holder.try_wait().unwrap().is_some(), "unmounted while held");
+    assert!(!is_mounted(&plain));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_mount_options_are_refused() {
     let env = CliEnv::new().await;

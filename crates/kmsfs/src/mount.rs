@@ -300,6 +300,18 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// The mount still has files open (or a working directory) in it.
+#[derive(Debug)]
+struct Busy(PathBuf);
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is busy (files are open there)", self.0.display())
+    }
+}
+
+impl std::error::Error for Busy {}
+
 fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
     let c = CString::new(mp.as_os_str().as_bytes()).context("mountpoint path")?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
@@ -311,9 +323,7 @@ fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
             // who mounted it, through the setuid fusermount3.
             return kmsfs_fuse::fusermount_unmount(mp, lazy).map_err(|fe| match fe.kind() {
                 std::io::ErrorKind::NotFound => anyhow!("{} is not mounted", mp.display()),
-                std::io::ErrorKind::ResourceBusy => {
-                    anyhow!("{} is busy (files are open there)", mp.display())
-                }
+                std::io::ErrorKind::ResourceBusy => anyhow!(Busy(mp.to_path_buf())),
                 _ => anyhow!(
                     "unmounting {}: {e}, and fusermount3 -u (for a mount of the calling \
                      user) said: {fe}",
@@ -322,7 +332,7 @@ fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
             });
         }
         return Err(match e.raw_os_error() {
-            Some(libc::EBUSY) => anyhow!("{} is busy (files are open there)", mp.display()),
+            Some(libc::EBUSY) => anyhow!(Busy(mp.to_path_buf())),
             Some(libc::EINVAL) => anyhow!("{} is not mounted", mp.display()),
             _ => anyhow!(e).context(format!("unmounting {}", mp.display())),
         });
@@ -330,13 +340,36 @@ fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `kmsfs umount` keeps trying a mount that is busy. A process
+/// that has just closed its last file there, or has just exited, can hold
+/// the mount for a moment longer (a child forked before its `exec` closed
+/// the inherited descriptors, a dying process's files not yet put), and
+/// an operator's `umount` right after their program ends must not fail
+/// for that. Files that stay open still fail, after this long.
+const BUSY_GRACE: Duration = Duration::from_secs(3);
+
 /// Runs `kmsfs umount`.
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<()> {
     let mp = args
         .mountpoint
         .canonicalize()
         .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
-    umount(&mp, false)
+    let deadline = Instant::now() + BUSY_GRACE;
+    loop {
+        match umount(&mp, false) {
+            Err(e) if e.is::<Busy>() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) if e.is::<Busy>() => {
+                bail!(
+                    "{e}: close them (`fuser -vm {}` lists the processes that hold \
+                     them) and run `kmsfs umount` again",
+                    mp.display()
+                )
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Runs as `mount.kmsfs CIPHERDIR MOUNTPOINT [-sfnv] [-o OPTIONS]`, the
