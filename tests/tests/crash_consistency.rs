@@ -9,10 +9,14 @@
 //!
 //! What is checked: every 16-byte cell of the plaintext is either zero (a
 //! hole) or names its own position and a version that was written to its
-//! chunk; and within a unit, each part that comes from one plaintext page
-//! (`[4096·i − 32, 4096·i)` and `[4096·i, 4096·i + 4064)`) holds a single
-//! version. A unit torn by a cut `pwrite` fails the first check: its
-//! never-written (zero) ciphertext decrypts to noise.
+//! chunk. A unit torn by a cut `pwrite` fails this check: its never-written
+//! (zero) ciphertext decrypts to noise. With `O_DIRECT`, also: within a
+//! unit, each part that comes from one plaintext page (`[4096·i − 32,
+//! 4096·i)` and `[4096·i, 4096·i + 4064)`) holds a single version. Through
+//! the page cache that second check does not apply: Linux does not keep a
+//! page stable while its FUSE WRITE is copied to the daemon, so a page the
+//! writer is rewriting at that moment can arrive half old, half new (see
+//! docs/format.md, "Crashes"); such pages are counted and printed.
 
 use kmsfs_e2e::cli::CliEnv;
 use kmsfs_e2e::fuse::{daemon_pids, force_unmount, CliMountGuard, Rng};
@@ -105,9 +109,16 @@ fn cell_state(data: &[u8], pos: usize, issued: &HashMap<u64, HashSet<u64>>) -> O
     (tag == (pos as u64 / 16) ^ TAG && known).then_some(version)
 }
 
-/// Counts units that are not old-or-new; returns (torn, first description).
-fn torn_units(data: &[u8], issued: &HashMap<u64, HashSet<u64>>) -> (usize, Option<String>) {
+/// Counts units that are not old-or-new; returns (torn, first description,
+/// page parts that mix versions). A mixed part counts as torn only when
+/// `whole` (the writes bypassed the page cache).
+fn torn_units(
+    data: &[u8],
+    issued: &HashMap<u64, HashSet<u64>>,
+    whole: bool,
+) -> (usize, Option<String>, usize) {
     let mut torn = 0;
+    let mut mixed = 0;
     let mut first = None;
     let units = (FILE_LEN as usize + 32).div_ceil(4096);
     for i in 0..units {
@@ -127,6 +138,9 @@ fn torn_units(data: &[u8], issued: &HashMap<u64, HashSet<u64>>) -> (usize, Optio
             }
             let versions: HashSet<u64> = states.into_iter().flatten().collect();
             if versions.len() > 1 {
+                mixed += 1;
+            }
+            if versions.len() > 1 && whole {
                 bad = Some(format!(
                     "unit {i}: bytes [{a}, {b}) mix versions {versions:?}"
                 ));
@@ -138,7 +152,7 @@ fn torn_units(data: &[u8], issued: &HashMap<u64, HashSet<u64>>) -> (usize, Optio
             first.get_or_insert(b);
         }
     }
-    (torn, first)
+    (torn, first, mixed)
 }
 
 fn kill_daemon(plain: &Path) {
@@ -160,6 +174,7 @@ async fn sigkill_during_large_overwrites_tears_no_unit() {
     let mut total_torn = 0;
     let mut first_torn = None;
     let mut rounds_with_writes = 0;
+    let mut total_mixed = 0;
     for round in 0..ROUNDS {
         // A fresh sparse file: every unit starts as a hole.
         {
@@ -189,12 +204,14 @@ async fn sigkill_during_large_overwrites_tears_no_unit() {
         env.mount(&cipher, &plain, &[]).await.ok();
         let data = fs::read(&target).expect("read after remount");
         assert_eq!(data.len() as u64, FILE_LEN, "round {round}: size changed");
-        let (torn, first) = torn_units(&data, &issued);
+        let (torn, first, mixed) = torn_units(&data, &issued, direct);
         total_torn += torn;
+        total_mixed += mixed;
         if let (None, Some(f)) = (&first_torn, first) {
             first_torn = Some(format!("round {round} (direct {direct}): {f}"));
         }
     }
+    eprintln!("page parts holding two versions (allowed through the page cache): {total_mixed}");
     assert!(
         rounds_with_writes >= ROUNDS / 2,
         "the writer rarely ran: {rounds_with_writes} of {ROUNDS} rounds"
