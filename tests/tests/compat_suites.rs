@@ -19,6 +19,8 @@ struct Mounted {
 fn mount(allow_other: bool) -> Mounted {
     mount_with(MountSettings {
         allow_other,
+        // As `kmsfs mount` does: ACLs with allow_other.
+        posix_acl: allow_other,
         threads: 4,
         ..Default::default()
     })

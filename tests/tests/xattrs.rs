@@ -256,7 +256,7 @@ fn largest_name_and_value_round_trip_and_backing_holds_no_plaintext() {
 #[test]
 fn copies_keep_attributes_and_acls() {
     let s = TestFs::fresh();
-    let m = MountGuard::mount(&s.cipher, &s.plain, &s.master).unwrap();
+    let m = acl_mount(&s);
     let tree = s.plain.join("tree");
     fs::create_dir_all(tree.join("sub/deeper")).unwrap();
     fs::write(tree.join("a"), b"a").unwrap();
@@ -305,6 +305,17 @@ fn allow_other_mount(s: &TestFs) -> MountGuard {
     fs::set_permissions(s.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let settings = MountSettings {
         allow_other: true,
+        posix_acl: true,
+        threads: 4,
+        ..Default::default()
+    };
+    MountGuard::mount_with(&s.cipher, &s.plain, &s.master, &settings).unwrap()
+}
+
+/// A mount with ACLs (`-o acl`) for the mounting user only.
+fn acl_mount(s: &TestFs) -> MountGuard {
+    let settings = MountSettings {
+        posix_acl: true,
         threads: 4,
         ..Default::default()
     };

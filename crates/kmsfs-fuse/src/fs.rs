@@ -63,6 +63,8 @@ pub struct KmsFs {
     pub(crate) ttl: std::time::Duration,
     /// What the kernel agreed to for extended attributes and ACLs.
     pub(crate) xattr_caps: crate::xattrs::XattrCaps,
+    /// Whether to ask the kernel for `FUSE_POSIX_ACL` at `init`.
+    pub(crate) want_posix_acl: bool,
     euid: u32,
     egid: u32,
     /// An open descriptor of the backing root holding an exclusive `flock`
@@ -133,6 +135,7 @@ impl KmsFs {
                 crate::adapter::TTL
             },
             xattr_caps: crate::xattrs::XattrCaps::default(),
+            want_posix_acl: false,
             // SAFETY: geteuid/getegid cannot fail.
             euid: unsafe { libc::geteuid() },
             // SAFETY: as above.

@@ -49,6 +49,11 @@ pub struct MountSettings {
     /// caching, and a shared lock that admits other `shared_storage`
     /// mounts only.
     pub shared_storage: bool,
+    /// Store and enforce POSIX ACLs (`FUSE_POSIX_ACL`, which turns on the
+    /// kernel's permission checks). Off, `system.posix_acl_*` is refused
+    /// with `ENOTSUP`, as on a filesystem without ACLs, and listings and
+    /// unlinks cost no extra requests (docs/compat.md).
+    pub posix_acl: bool,
 }
 
 /// A live mount served on background threads.
@@ -213,7 +218,8 @@ pub fn spawn_mount(
         settings.read_only,
         !settings.no_writeback,
         settings.shared_storage,
-    )?;
+    )?
+    .with_posix_acl(settings.posix_acl);
     let mut opts = Vec::new();
     if settings.allow_other {
         // The daemon runs as root and checks nothing itself: when other

@@ -5,6 +5,11 @@
 //! and the clearing of set-user-ID/set-group-ID bits and file capabilities
 //! that `FUSE_HANDLE_KILLPRIV_V2` hands to the daemon.
 //!
+//! `security.selinux` is refused with `ENOTSUP`: SELinux labels FUSE
+//! mounts by policy and answers for that name in the kernel, so only
+//! probes reach the daemon, and `ls -l` asks for it on every entry unless
+//! the filesystem says it has no such thing (then it stops asking).
+//!
 //! Symlinks carry no attributes (as in gocryptfs): listing them is empty,
 //! reading gives `ENODATA`, setting gives `EPERM`. A backing store without
 //! extended attributes reads as one with none (so the kernel's ACL checks
@@ -73,12 +78,16 @@ pub(crate) struct Inherited {
     default: Option<Vec<u8>>,
 }
 
+/// The SELinux label, which kmsfs does not store (see the module comment).
+const SELINUX: &[u8] = b"security.selinux";
+
 /// Attribute names kmsfs stores: the `user`, `trusted` and `security`
-/// namespaces and the two POSIX ACLs (when the kernel enforces them).
+/// namespaces (but `security.selinux`) and the two POSIX ACLs (when the
+/// kernel enforces them).
 fn supported(name: &[u8], caps: XattrCaps) -> bool {
     name.starts_with(b"user.")
         || name.starts_with(b"trusted.")
-        || name.starts_with(b"security.")
+        || (name.starts_with(b"security.") && name != SELINUX)
         || (caps.posix_acl && (name == acl::ACCESS || name == acl::DEFAULT))
 }
 
@@ -509,17 +518,26 @@ impl KmsFs {
 }
 
 impl KmsFs {
-    /// Asks the kernel, at `init`, to enforce POSIX ACLs (which turns on
-    /// `default_permissions`), to leave the umask to the daemon (so a
-    /// default ACL can override it), and to leave clearing privileges on
-    /// write to the daemon (`FUSE_HANDLE_KILLPRIV_V2`): without it, every
-    /// write would first ask `getxattr("security.capability")`.
+    /// Whether to store and enforce POSIX ACLs (asked of the kernel at
+    /// `init`; see [`crate::MountSettings::posix_acl`]).
+    pub fn with_posix_acl(mut self, on: bool) -> Self {
+        self.want_posix_acl = on;
+        self
+    }
+
+    /// Asks the kernel, at `init`, to leave clearing privileges on write to
+    /// the daemon (`FUSE_HANDLE_KILLPRIV_V2`): without it, every write
+    /// would first ask `getxattr("security.capability")`. With ACLs on,
+    /// also to enforce POSIX ACLs (which turns on `default_permissions`)
+    /// and to leave the umask to the daemon (so a default ACL can override
+    /// it).
     pub(crate) fn negotiate_xattrs(&mut self, config: &mut fuser::KernelConfig) {
         use fuser::InitFlags;
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
-        if config
-            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
-            .is_ok()
+        if self.want_posix_acl
+            && config
+                .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+                .is_ok()
         {
             self.xattr_caps.posix_acl = true;
             self.xattr_caps.dont_mask = true;

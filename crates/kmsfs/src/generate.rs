@@ -306,6 +306,14 @@ const MOUNT_OPTIONS: &[(&str, &str)] = &[
         "Turn off (on, the default) the kernel's writeback cache.",
     ),
     (
+        "shared_storage",
+        "The backing directory is shared with other shared_storage mounts (other hosts over NFS or CephFS): no writeback cache, no attribute or entry caching.",
+    ),
+    (
+        "acl, noacl",
+        "Store and enforce POSIX ACLs (setfacl, default ACLs inherited on create), or refuse them with ENOTSUP. The default is acl with allow_other and noacl without: ACLs cost a request per entry listed and per unlink.",
+    ),
+    (
         "kms_timeout=SECONDS",
         "How long to keep retrying a KMS that is unreachable or sealed (default 30).",
     ),

@@ -172,6 +172,7 @@ fn serve(
         threads: FUSE_THREADS,
         no_writeback: opts.no_writeback,
         shared_storage: opts.shared_storage,
+        posix_acl: opts.posix_acl(),
     };
     let session =
         kmsfs_fuse::spawn_mount(&cipherdir, &mountpoint, keys, &settings).with_context(|| {

@@ -25,9 +25,23 @@ pub struct ParsedOptions {
     /// `shared_storage`: the backing directory is shared with other mounts
     /// (other hosts over NFS or CephFS); no caching, no writeback cache.
     pub shared_storage: bool,
+    /// `acl` / `noacl`: store and enforce POSIX ACLs. Unset, ACLs are on
+    /// exactly when `allow_other` is (see [`ParsedOptions::posix_acl`]).
+    pub acl: Option<bool>,
     /// `kcv=HEX`: the key check value the unwrapped master key must have
     /// (for hosts that did not create the filesystem).
     pub kcv: Option<KeyCheck>,
+}
+
+impl ParsedOptions {
+    /// Whether the mount stores and enforces POSIX ACLs: `acl` / `noacl`
+    /// when given, else on exactly with `allow_other`. ACLs matter when
+    /// other users come in, where the kernel must check permissions
+    /// anyway; for one user they would cost a request per entry listed and
+    /// per unlink (docs/compat.md).
+    pub fn posix_acl(&self) -> bool {
+        self.acl.unwrap_or(self.allow_other)
+    }
 }
 
 /// Options mount(8), systemd and fstab conventions add that concern the
@@ -88,6 +102,8 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 ("no_writeback", None) => p.no_writeback = true,
                 ("writeback", None) => p.no_writeback = false,
                 ("shared_storage", None) => p.shared_storage = true,
+                ("acl", None) => p.acl = Some(true),
+                ("noacl", None) => p.acl = Some(false),
                 ("nosuid", None) => suid = false,
                 ("suid", None) => suid = true,
                 ("nodev", None) => dev = false,
@@ -114,7 +130,7 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 }
                 _ => bail!(
                     "unknown mount option '{opt}' (known: ro, rw, allow_other, nosuid, nodev, \
-                     noexec, noatime, sync, no_writeback, shared_storage, kms_timeout=SECONDS, kms_config=PATH, \
+                     noexec, noatime, sync, no_writeback, shared_storage, acl, noacl, kms_timeout=SECONDS, kms_config=PATH, \
                      kcv=HEX, allow_suid_dev, and mount(8)'s _netdev, nofail, auto, noauto, user, defaults, x-*)"
                 ),
             }
@@ -162,6 +178,16 @@ mod tests {
                 .unwrap()
                 .shared_storage
         );
+    }
+
+    #[test]
+    fn acls_follow_allow_other_unless_asked() {
+        let acl = |o: &str| parse_options(&[o]).unwrap().posix_acl();
+        assert!(!acl("rw"));
+        assert!(acl("allow_other"));
+        assert!(acl("acl"));
+        assert!(!acl("allow_other,noacl"));
+        assert!(acl("noacl,acl"));
     }
 
     #[test]
