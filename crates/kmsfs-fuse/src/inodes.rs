@@ -95,6 +95,32 @@ pub struct Node {
     pub open: RwLock<Option<Box<OpenFile>>>,
     /// Directory IV of a directory, read once.
     pub dir_iv: OnceLock<[u8; DIR_IV_LEN]>,
+    _counted: Counted,
+}
+
+/// Nodes alive in this process (every mount it serves).
+static LIVE_NODES: AtomicU64 = AtomicU64::new(0);
+
+/// How many nodes this process holds, for tests that show the kernel's
+/// `FORGET`s free them.
+pub fn live_nodes() -> u64 {
+    LIVE_NODES.load(Ordering::Relaxed)
+}
+
+/// Counts a node in [`LIVE_NODES`] for as long as it lives.
+struct Counted;
+
+impl Counted {
+    fn new() -> Counted {
+        LIVE_NODES.fetch_add(1, Ordering::Relaxed);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        LIVE_NODES.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Node {
@@ -160,6 +186,7 @@ impl Inodes {
             lookups: AtomicU64::new(1),
             open: RwLock::new(None),
             dir_iv: OnceLock::new(),
+            _counted: Counted::new(),
         };
         let mut map = HashMap::new();
         map.insert(ROOT_INO, Arc::new(root));
@@ -266,6 +293,7 @@ impl Inodes {
             lookups: AtomicU64::new(0),
             open: RwLock::new(None),
             dir_iv: OnceLock::new(),
+            _counted: Counted::new(),
         });
         let mut map = self.map.lock();
         // Another thread may have added the same inode meanwhile: keep one.
@@ -310,6 +338,7 @@ impl Inodes {
             lookups: AtomicU64::new(old.lookups.load(Ordering::Relaxed)),
             open: RwLock::new(None),
             dir_iv: OnceLock::new(),
+            _counted: Counted::new(),
         };
         map.insert(ino, Arc::new(node));
         self.set_alias(backing_ino, Some(ino));

@@ -23,6 +23,7 @@ mod xattrs;
 pub use freeze::{DrainTimeout, Frozen, WriteGate};
 pub use fs::KmsFs;
 pub use fuser::MountOption;
+pub use inodes::live_nodes;
 pub use xattrs::getxattr_requests;
 
 use kmsfs_core::keys::FsKeys;
