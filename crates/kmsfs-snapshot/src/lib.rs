@@ -45,6 +45,7 @@ pub mod restore;
 pub mod rewrap;
 pub mod target;
 pub mod unchanged;
+pub mod xattrs;
 
 pub use catalog::{delete, heads, list, DeleteStats, SnapshotInfo};
 pub use create::{create, CreateRequest, CreateStats};
