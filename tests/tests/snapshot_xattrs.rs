@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kmsfs_e2e::cli::{CliEnv, Kmsfs, Run};
-use kmsfs_e2e::fuse::{CliMountGuard, Rng};
+use kmsfs_e2e::fuse::{CliMountGuard, Rng, Tmpfs};
 use kmsfs_e2e::s3::SeaweedServer;
 
 /// The largest attribute value Linux allows: its record spans two backing
@@ -125,6 +125,24 @@ fn one_line(r: &Run) -> &str {
     lines[0]
 }
 
+/// A tmpfs for backing directories: it holds attribute values up to 64
+/// KiB (ext4 keeps an inode's attributes in one 4 KiB block).
+fn backing_tmpfs(env: &CliEnv) -> Tmpfs {
+    let dir = env.path("t");
+    fs::create_dir_all(&dir).unwrap();
+    Tmpfs::mount(&dir, "256m")
+}
+
+/// `kmsfs create` in `t/NAME-cipher` (on the tmpfs), with an empty
+/// mountpoint `NAME-plain`.
+async fn create(env: &CliEnv, name: &str) -> (PathBuf, PathBuf) {
+    let cipher = env.path(&format!("t/{name}-cipher"));
+    let plain = env.path(&format!("{name}-plain"));
+    fs::create_dir_all(&plain).unwrap();
+    env.kmsfs.run_async(&["create", s(&cipher)]).await.ok();
+    (cipher, plain)
+}
+
 /// `kmsfs fsck DIR --json` finds nothing.
 async fn fsck_clean(k: &Kmsfs, cipher: &Path) {
     let v = k
@@ -135,7 +153,7 @@ async fn fsck_clean(k: &Kmsfs, cipher: &Path) {
     assert_eq!(v["counts"]["problems"], 0, "{v:#}");
 }
 
-/// Restores `id` into `NAME-cipher`, checks it with fsck, mounts it with
+/// Restores `id` into `t/NAME-cipher` (on the tmpfs), checks it with fsck, mounts it with
 /// ACLs on and returns `f` of the mount.
 async fn restored<T>(
     env: &CliEnv,
@@ -145,7 +163,7 @@ async fn restored<T>(
     name: &str,
     f: impl FnOnce(&Path, &Path) -> T,
 ) -> T {
-    let cipher = env.path(&format!("{name}-cipher"));
+    let cipher = env.path(&format!("t/{name}-cipher"));
     let plain = env.path(&format!("{name}-plain"));
     fs::create_dir_all(&plain).unwrap();
     k.run_async(&["snapshot", "restore", target, id, s(&cipher)])
@@ -191,7 +209,8 @@ impl Drop for Ramfs {
 async fn attributes_and_acls_survive_snapshot_and_restore() {
     let env = CliEnv::new().await;
     let k = &env.kmsfs;
-    let (cipher, plain) = env.create("x").await;
+    let _t = backing_tmpfs(&env);
+    let (cipher, plain) = create(&env, "x").await;
     let _g = CliMountGuard(plain.clone());
     env.mount(&cipher, &plain, &["-o", "acl"]).await.ok();
     let tree = fill(&plain);
@@ -290,7 +309,7 @@ async fn attributes_and_acls_survive_snapshot_and_restore() {
     assert!(line.contains("ext4, xfs, tmpfs"), "{line}");
     assert!(!dest.join("kmsfs.header").exists());
     // A snapshot without attributes restores there.
-    let (bare, bare_plain) = env.create("bare").await;
+    let (bare, bare_plain) = create(&env, "bare").await;
     let _bg = CliMountGuard(bare_plain.clone());
     env.mount(&bare, &bare_plain, &[]).await.ok();
     fs::write(bare_plain.join("f"), b"no attributes").unwrap();
@@ -313,7 +332,8 @@ async fn a_mounted_filesystems_attributes_are_captured_at_one_instant() {
     weed.create_bucket("xattrs").await.expect("bucket");
     let k = with_s3(&env.kmsfs, &weed.endpoint());
     let target = "s3://xattrs/live";
-    let (cipher, plain) = env.create("live").await;
+    let _t = backing_tmpfs(&env);
+    let (cipher, plain) = create(&env, "live").await;
     let _g = CliMountGuard(plain.clone());
     env.mount(&cipher, &plain, &["-o", "acl"]).await.ok();
     let tree = fill(&plain);

@@ -291,6 +291,15 @@ fn set_xattrs(path: &Path, xattrs: &[crate::xattrs::Xattr]) -> Result<(), Snapsh
                      attributes; restore onto one that has them (ext4, xfs, tmpfs)"
                 .into(),
         }),
+        Err(crate::xattrs::WriteError::NoRoom) => Err(SnapshotError::Destination {
+            path: path.to_path_buf(),
+            detail: format!(
+                "no room for the extended attributes this entry carries ({} bytes): the \
+                 destination is full, or keeps too little per file (ext4 holds one 4 KiB block \
+                 of attributes per inode); restore onto a filesystem that holds them (tmpfs does)",
+                xattrs.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+            ),
+        }),
         Err(crate::xattrs::WriteError::Io(e)) => Err(SnapshotError::io(path, e)),
     }
 }

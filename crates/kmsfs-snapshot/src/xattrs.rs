@@ -126,6 +126,10 @@ pub enum WriteError {
     /// The filesystem holding the entry has no (user) extended attributes.
     #[error("the filesystem has no user extended attributes")]
     Unsupported,
+    /// No room for them (`ENOSPC`, `E2BIG`): a full filesystem, or one that
+    /// keeps little per inode (ext4: one 4 KiB block).
+    #[error("no room for the extended attributes")]
+    NoRoom,
     /// Any other error.
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -153,10 +157,10 @@ pub fn write(path: &Path, xattrs: &[Xattr]) -> Result<(), WriteError> {
         };
         if r != 0 {
             let e = io::Error::last_os_error();
-            return Err(if unsupported(&e) {
-                WriteError::Unsupported
-            } else {
-                WriteError::Io(e)
+            return Err(match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) => WriteError::Unsupported,
+                Some(libc::ENOSPC | libc::E2BIG) => WriteError::NoRoom,
+                _ => WriteError::Io(e),
             });
         }
     }
@@ -231,7 +235,7 @@ mod tests {
         let a = d.path().join("a");
         std::fs::write(&a, b"x").unwrap();
         let set = [
-            ("user.kmsfs.x.b".to_string(), vec![1u8; 5000]),
+            ("user.kmsfs.x.b".to_string(), vec![1u8; 1000]),
             ("user.kmsfs.id".to_string(), vec![2u8; 16]),
             ("user.other".to_string(), b"not ours".to_vec()),
         ];
