@@ -382,12 +382,22 @@ async fn a_mounted_filesystems_attributes_are_captured_at_one_instant() {
     let id = r["id"].as_str().unwrap();
 
     let (got, v, last) = restored(&env, &k, target, id, "r", |_, p| {
-        let v = sh("getfattr --only-values -n user.v v", p);
+        let v = Command::new("getfattr")
+            .args(["--only-values", "-n", "user.v", "v"])
+            .current_dir(p)
+            .output()
+            .unwrap();
         let last = fs::read_to_string(p.join("last")).unwrap();
         (dump(&p.join("tree")), v, last)
     })
     .await;
     assert_eq!(got, original);
+    assert!(
+        v.status.success(),
+        "user.v is not on the restored v: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let v = String::from_utf8(v.stdout).unwrap();
     let (v, last): (u64, u64) = (v.trim().parse().unwrap(), last.trim().parse().unwrap());
     assert!(
         last <= v && v <= last + 1,
