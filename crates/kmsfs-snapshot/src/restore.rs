@@ -6,9 +6,9 @@
 //! times last, children before parents, so a read-only directory can still
 //! be filled. Each directory and regular file gets its `user.kmsfs.*`
 //! extended attributes (encrypted attributes and ACLs) as soon as it is
-//! made, before its mode and times. `kmsfs.header` is written after everything else is on disk:
-//! an interrupted restore leaves a directory that is not a filesystem, never
-//! one that mounts with files missing.
+//! made, before its mode and times. `kmsfs.header` is written after
+//! everything else is on disk: an interrupted restore leaves a directory
+//! that is not a filesystem, never one that mounts with files missing.
 
 use std::ffi::CString;
 use std::fs::File;

@@ -13,8 +13,8 @@
 //!    whose pre-copy may be stale: changed since `TRACK`, new, moved, or in
 //!    a directory made since, and reads every directory's and file's
 //!    `user.kmsfs.*` attributes (encrypted attributes and ACLs). Then it
-//!    thaws. The pause is a metadata walk
-//!    plus the files written during the pre-copy, not the tree's size.
+//!    thaws. The pause is a metadata walk plus the files written during
+//!    the pre-copy, not the tree's size.
 //! 3. **After the thaw.** The tree is rebuilt in the staging directory from
 //!    what the walk recorded, with hard links to the pool; the ordinary
 //!    snapshot walk then uploads it as if it were the backing directory.
@@ -436,8 +436,9 @@ fn cpath(p: &Path) -> anyhow::Result<CString> {
 }
 
 /// Makes `tree` what the frozen walk saw: entries first (directories
-/// before their contents) with their extended attributes, then owners, modes and times, children before
-/// their directory so a directory's times are set last.
+/// before their contents) with their extended attributes, then owners,
+/// modes and times, children before their directory so a directory's
+/// times are set last.
 fn build_tree(tree: &Path, pool: &Path, items: &[Item]) -> anyhow::Result<()> {
     for it in items {
         let path = tree.join(&it.rel);
