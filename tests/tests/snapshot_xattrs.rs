@@ -177,23 +177,24 @@ async fn restored<T>(
     out
 }
 
-/// A ramfs (no extended attributes at all), unmounted when dropped.
-struct Ramfs(PathBuf);
+/// A filesystem mounted here, unmounted when dropped.
+struct Mounted(PathBuf);
 
-impl Ramfs {
-    fn mount(dir: &Path) -> Ramfs {
+impl Mounted {
+    /// `mount ARGS... DIR`.
+    fn mount(args: &[&str], dir: &Path) -> Mounted {
         fs::create_dir_all(dir).unwrap();
         let st = Command::new("mount")
-            .args(["-t", "ramfs", "ramfs"])
+            .args(args)
             .arg(dir)
             .status()
             .expect("run mount");
-        assert!(st.success(), "cannot mount a ramfs at {}", dir.display());
-        Ramfs(dir.to_path_buf())
+        assert!(st.success(), "cannot mount {args:?} at {}", dir.display());
+        Mounted(dir.to_path_buf())
     }
 }
 
-impl Drop for Ramfs {
+impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
@@ -203,8 +204,9 @@ impl Drop for Ramfs {
 /// back (the backing attributes byte for byte), fsck is clean; an
 /// incremental snapshot after only an attribute change carries the new
 /// value; a manifest with an attribute name changed is refused; a
-/// destination without extended attributes is refused by name, unless the
-/// snapshot carries none.
+/// destination without extended attributes (ramfs), or without room for a
+/// 64 KiB value (ext4), is refused by name, unless the snapshot carries
+/// none.
 #[tokio::test(flavor = "multi_thread")]
 async fn attributes_and_acls_survive_snapshot_and_restore() {
     let env = CliEnv::new().await;
@@ -295,7 +297,7 @@ async fn attributes_and_acls_survive_snapshot_and_restore() {
 
     // A destination without extended attributes: refused, naming the
     // entry and the fix; nothing mountable is left.
-    let ram = Ramfs::mount(&env.path("ram"));
+    let ram = Mounted::mount(&["-t", "ramfs", "ramfs"], &env.path("ram"));
     let dest = ram.0.join("x");
     let r = k
         .run_async(&["snapshot", "restore", &target, &id2, s(&dest)])
@@ -308,7 +310,31 @@ async fn attributes_and_acls_survive_snapshot_and_restore() {
     );
     assert!(line.contains("ext4, xfs, tmpfs"), "{line}");
     assert!(!dest.join("kmsfs.header").exists());
-    // A snapshot without attributes restores there.
+    // ext4 keeps an inode's attributes in one 4 KiB block: the 64 KiB
+    // value does not fit, and the restore says so, naming the entry.
+    let img = env.path("ext4.img");
+    fs::File::create(&img)
+        .unwrap()
+        .set_len(32 * 1024 * 1024)
+        .unwrap();
+    sh(
+        &format!("mkfs.ext4 -q -F -b 4096 {}", s(&img)),
+        env.dir.path(),
+    );
+    let ext4 = Mounted::mount(&["-o", "loop", s(&img)], &env.path("ext4"));
+    let dest = ext4.0.join("x");
+    let r = k
+        .run_async(&["snapshot", "restore", &target, &id2, s(&dest)])
+        .await
+        .failed();
+    let line = one_line(&r);
+    assert!(
+        line.contains(&format!("{}/", s(&dest))) && line.contains("no room"),
+        "{line}"
+    );
+    assert!(line.contains("4 KiB"), "{line}");
+    assert!(!dest.join("kmsfs.header").exists());
+    // A snapshot without attributes restores on the ramfs.
     let (bare, bare_plain) = create(&env, "bare").await;
     let _bg = CliMountGuard(bare_plain.clone());
     env.mount(&bare, &bare_plain, &[]).await.ok();
