@@ -276,3 +276,37 @@ impl CliEnv {
         self.kmsfs.run_async(&args).await
     }
 }
+
+/// `/sbin/mount.fuse.kmsfs`, the helper mount(8) runs for `mount -o
+/// remount,... MOUNTPOINT` of a `fuse.kmsfs` mount, linked to the freshly
+/// built `kmsfs` while this lives. An existing helper (an installed kmsfs)
+/// is left as it is and used.
+pub struct RemountHelper {
+    made: Option<PathBuf>,
+}
+
+impl RemountHelper {
+    /// Where mount(8) looks for the helper.
+    pub const PATH: &'static str = "/sbin/mount.fuse.kmsfs";
+
+    /// Links the helper unless one is there.
+    pub fn install() -> RemountHelper {
+        let link = Path::new(Self::PATH);
+        if link.symlink_metadata().is_ok() {
+            return RemountHelper { made: None };
+        }
+        std::os::unix::fs::symlink(kmsfs_bin(), link)
+            .unwrap_or_else(|e| panic!("cannot link {}: {e}", link.display()));
+        RemountHelper {
+            made: Some(link.to_path_buf()),
+        }
+    }
+}
+
+impl Drop for RemountHelper {
+    fn drop(&mut self) {
+        if let Some(p) = self.made.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

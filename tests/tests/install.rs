@@ -118,6 +118,8 @@ fn install_places_every_file_and_uninstall_removes_exactly_those() {
     assert_eq!(installed, std::fs::read(&bin).expect("built binary"));
     let link = std::fs::read_link(p("sbin/mount.kmsfs")).expect("/sbin/mount.kmsfs link");
     assert_eq!(link, Path::new("/usr/local/bin/kmsfs"));
+    let link = std::fs::read_link(p("sbin/mount.fuse.kmsfs")).expect("remount helper link");
+    assert_eq!(link, Path::new("/usr/local/bin/kmsfs"));
 
     // Man pages: the three the issue names, plus one per subcommand.
     let man = "usr/local/share/man";

@@ -266,6 +266,96 @@ async fn umount_waits_briefly_for_files_being_closed_and_refuses_open_ones() {
     assert!(!is_mounted(&plain));
 }
 
+/// `mount -o remount,...` of a kmsfs mount changes its flags in place
+/// through kmsfs's helper: read-only and back, `noexec`, with `nosuid` and
+/// `nodev` kept; the daemon and its open files stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn mount_remount_changes_flags_in_place() {
+    let env = CliEnv::new().await;
+    let (cipher, plain) = env.create("remount").await;
+    let _g = CliMountGuard(plain.clone());
+    let _helper = kmsfs_e2e::cli::RemountHelper::install();
+    env.mount(&cipher, &plain, &[]).await.ok();
+    let pids = daemon_pids(&plain);
+    fs::write(plain.join("f"), b"before").unwrap();
+    let held = fs::File::open(plain.join("f")).unwrap();
+    let remount = |opts: &str| {
+        Command::new("mount")
+            .args(["-o", opts])
+            .arg(&plain)
+            .output()
+            .unwrap()
+    };
+    let flags = || {
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        let line = mounts
+            .lines()
+            .find(|l| l.split(' ').nth(1) == plain.to_str())
+            .expect("still mounted")
+            .to_string();
+        line.split(' ').nth(3).unwrap().to_string()
+    };
+    let out = remount("remount,ro");
+    assert!(out.status.success(), "{out:?}");
+    let f = flags();
+    assert!(
+        f.starts_with("ro,") && f.contains("nosuid") && f.contains("nodev"),
+        "{f}"
+    );
+    let e = fs::write(plain.join("g"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(fs::read(plain.join("f")).unwrap(), b"before");
+    let out = remount("remount,rw,noexec");
+    assert!(out.status.success(), "{out:?}");
+    let f = flags();
+    assert!(
+        f.starts_with("rw,") && f.contains("noexec") && f.contains("nosuid"),
+        "{f}"
+    );
+    fs::write(plain.join("g"), b"after").unwrap();
+    // suid is not granted by a remount, as at mount time: mount(8) passes
+    // the flags without `nosuid` (it adds nothing for `suid`), and the
+    // helper puts `nosuid` back; asked for by name, it refuses.
+    let _ = remount("remount,suid");
+    assert!(flags().contains("nosuid"), "{}", flags());
+    let out = Command::new(kmsfs_e2e::cli::RemountHelper::PATH)
+        .arg(&cipher)
+        .arg(&plain)
+        .args(["-o", "rw,remount,suid"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("allow_suid_dev"),
+        "{out:?}"
+    );
+    assert!(flags().contains("nosuid"));
+    // The same daemon served it all, and an open file stayed open.
+    assert_eq!(daemon_pids(&plain), pids);
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut &held, &mut buf).unwrap();
+    assert_eq!(buf, b"before");
+    drop(held);
+    // The helper refuses what is not a kmsfs mount.
+    let other = env.path("not-a-mount");
+    fs::create_dir_all(&other).unwrap();
+    let out = Command::new(kmsfs_e2e::cli::RemountHelper::PATH)
+        .arg("src")
+        .arg(&other)
+        .args(["-o", "remount,ro"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a kmsfs mount"),
+        "{out:?}"
+    );
+    env.kmsfs
+        .run_async(&["umount", plain.to_str().unwrap()])
+        .await
+        .ok();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_mount_options_are_refused() {
     let env = CliEnv::new().await;

@@ -102,6 +102,31 @@ pub fn mount(
     Ok(fd)
 }
 
+/// Changes the generic flags of the kmsfs mount at `mountpoint` (`ro`/`rw`,
+/// `nosuid`, `noexec`, `noatime`, ...) in place, as `mount -o remount`
+/// does: the daemon and the FUSE connection stay as they are. The flags are
+/// the whole new set (mount(8) passes the current ones with the changes),
+/// and options FUSE fixes at mount time are not touched.
+pub fn remount(mountpoint: &Path, options: &[MountOption]) -> io::Result<()> {
+    let (flags, _) = flags_and_data(options, false);
+    let target = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid C string; MS_REMOUNT takes no source, type or data.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags | libc::MS_REMOUNT,
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

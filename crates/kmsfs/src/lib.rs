@@ -47,6 +47,7 @@ pub mod mount;
 pub mod mount_checks;
 pub mod mount_options;
 pub mod registry;
+pub mod remount;
 pub mod slotkms;
 pub mod slotwrap;
 pub mod snapshot_targets;

@@ -141,7 +141,12 @@ fn main() -> ExitCode {
         .map(Path::new)
         .and_then(Path::file_name)
         .map(|n| n.to_string_lossy().into_owned());
-    if invoked_as.as_deref() == Some("mount.kmsfs") {
+    // mount(8) runs `mount.fuse.kmsfs` for a mounted `fuse.kmsfs`
+    // (`mount -o remount,ro`), `mount.kmsfs` for an fstab line of type kmsfs.
+    if matches!(
+        invoked_as.as_deref(),
+        Some("mount.kmsfs" | "mount.fuse.kmsfs")
+    ) {
         init_logging();
         return report(mount::run_mount_helper(args.collect()), false);
     }

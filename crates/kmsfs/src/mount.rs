@@ -402,6 +402,13 @@ pub fn run_mount_helper(args: Vec<OsString>) -> anyhow::Result<()> {
     let [cipherdir, mountpoint]: [PathBuf; 2] = positional
         .try_into()
         .map_err(|_| anyhow!("usage: mount.kmsfs CIPHERDIR MOUNTPOINT [-o OPTIONS]"))?;
+    if let Some(options) = crate::remount::requested(&options) {
+        let opts = parse_options(&options)?;
+        if fake {
+            return Ok(());
+        }
+        return crate::remount::run(&mountpoint, &opts);
+    }
     // Validate options before anything else, even for a fake mount.
     parse_options(&options)?;
     if fake {
