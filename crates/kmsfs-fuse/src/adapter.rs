@@ -506,8 +506,9 @@ impl Filesystem for KmsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        // Held during a snapshot freeze like every change (snapshots do not
-        // carry attributes yet, so nothing is recorded for the capture).
+        // Held during a snapshot freeze like every change; nothing is
+        // recorded for the capture, which reads every entry's attributes
+        // while frozen.
         let _pass = self.gate.pass();
         reply_empty(reply, self.setxattr(ino.0, name, value, flags));
     }

@@ -367,8 +367,10 @@ impl Walker {
                 target: None,
                 rdev: None,
                 link: None,
+                xattrs: Vec::new(),
             };
             if ft.is_dir() {
+                entry.xattrs = carried_xattrs(&path)?;
                 let mut names = Vec::new();
                 for de in std::fs::read_dir(&path).map_err(|e| SnapshotError::io(&path, e))? {
                     let de = de.map_err(|e| SnapshotError::io(&path, e))?;
@@ -404,6 +406,10 @@ impl Walker {
                     self.links.insert(key, rel.clone());
                 }
                 entry.kind = Kind::File;
+                // Read on every walk, whatever the unchanged-file cache
+                // says: it supplies chunk lists only (a setxattr changes
+                // ctime, so the cache misses then anyway).
+                entry.xattrs = carried_xattrs(&path)?;
                 if !self.reuse(&rel, &meta, &mut entry) {
                     self.read_file(&path, &mut entry)?;
                 }
@@ -552,6 +558,13 @@ impl Walker {
         }
         Ok(())
     }
+}
+
+/// The backing entry's `user.kmsfs.*` attributes in manifest form.
+fn carried_xattrs(path: &Path) -> Result<Vec<(String, String)>, SnapshotError> {
+    crate::xattrs::read(path)
+        .map(crate::xattrs::encode)
+        .map_err(|e| SnapshotError::io(path, e))
 }
 
 /// Reads until `buf` is full or the end of the file.

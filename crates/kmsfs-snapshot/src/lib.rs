@@ -10,6 +10,10 @@
 //! PREFIX/snapshots/ID.manifest  every backing entry + the header, HMAC'd; written last
 //! ```
 //!
+//! A manifest entry carries the backing entry's `user.kmsfs.*` extended
+//! attributes (kmsfs's encrypted attributes and ACLs) byte for byte:
+//! [`xattrs`].
+//!
 //! Only the backing directory's bytes are stored, exactly as they are on
 //! disk: encrypted names, ciphertext, the header with wrapped keys. Nothing
 //! in the store reveals a plaintext name or byte. A chunk's name is the
@@ -45,6 +49,7 @@ pub mod restore;
 pub mod rewrap;
 pub mod target;
 pub mod unchanged;
+pub mod xattrs;
 
 pub use catalog::{delete, heads, list, DeleteStats, SnapshotInfo};
 pub use create::{create, CreateRequest, CreateStats};

@@ -11,7 +11,8 @@
 //!
 //! The manifest holds only what the backing directory shows anyone who can
 //! read it: encrypted names, sizes, modes, owners, times, symlink targets as
-//! stored (encrypted) and the header (wrapped keys only). The label is the
+//! stored (encrypted), the `user.kmsfs.*` extended attributes as stored
+//! (encrypted attributes and ACLs) and the header (wrapped keys only). The label is the
 //! operator's and is stored as given.
 //!
 //! It is written to a local temporary file while the backing directory is
@@ -110,6 +111,12 @@ pub struct Entry {
     /// Hard links: the path listed earlier that this is another name of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
+    /// The backing entry's `user.kmsfs.*` extended attributes (the file's
+    /// encrypted attributes and ACLs, docs/format.md section 8): name and
+    /// base64 value, sorted by name; regular files (on their first name
+    /// only) and directories.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xattrs: Vec<(String, String)>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -429,6 +436,7 @@ mod tests {
             target: None,
             rdev: None,
             link: None,
+            xattrs: Vec::new(),
         }
     }
 
@@ -454,6 +462,22 @@ mod tests {
         assert!(m.verify(&[8; 32]).is_err());
         let es: Vec<_> = m.entries().unwrap().map(|e| e.unwrap()).collect();
         assert_eq!(es, vec![entry("a"), entry("b")]);
+    }
+
+    #[test]
+    fn attributes_round_trip_and_older_entries_still_read() {
+        let mut e = entry("a");
+        e.xattrs = vec![("user.kmsfs.id".into(), "AAE=".into())];
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(
+            line.contains(r#""xattrs":[["user.kmsfs.id","AAE="]]"#),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<Entry>(&line).unwrap(), e);
+        // None: no field, as written before snapshots carried attributes.
+        let old = serde_json::to_string(&entry("a")).unwrap();
+        assert!(!old.contains("xattrs"), "{old}");
+        assert_eq!(serde_json::from_str::<Entry>(&old).unwrap(), entry("a"));
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! manifest before a byte of it is written. Entries are created in manifest
 //! order (parents first); directories get their recorded mode, owner and
 //! times last, children before parents, so a read-only directory can still
-//! be filled. `kmsfs.header` is written after everything else is on disk:
-//! an interrupted restore leaves a directory that is not a filesystem, never
-//! one that mounts with files missing.
+//! be filled. Each directory and regular file gets its `user.kmsfs.*`
+//! extended attributes (encrypted attributes and ACLs) as soon as it is
+//! made, before its mode and times. `kmsfs.header` is written after
+//! everything else is on disk: an interrupted restore leaves a directory
+//! that is not a filesystem, never one that mounts with files missing.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -154,11 +156,13 @@ pub async fn restore(
     for entry in manifest.entries().map_err(bad)? {
         let entry = entry.map_err(bad)?;
         stats.entries += 1;
+        let xattrs = checked_xattrs(&entry).map_err(bad)?;
         if first {
             first = false;
             if !(entry.path.is_empty() && entry.kind == Kind::Dir) {
                 return Err(bad("the first entry is not the backing root".into()));
             }
+            set_xattrs(newdir, &xattrs)?;
             dirs.push((newdir.to_path_buf(), entry));
             continue;
         }
@@ -176,6 +180,7 @@ pub async fn restore(
                     .mode(0o700)
                     .create(&path)
                     .map_err(io)?;
+                set_xattrs(&path, &xattrs)?;
                 dirs.push((path, entry));
             }
             Kind::File => {
@@ -192,6 +197,9 @@ pub async fn restore(
                 stats.files += 1;
                 stats.bytes += entry.size;
                 drop(f);
+                // Before the mode: a read-only file takes no attribute
+                // from a restore that is not root.
+                set_xattrs(&path, &xattrs)?;
                 apply_attrs(&path, &entry, is_root)?;
             }
             Kind::Hardlink => {
@@ -241,6 +249,59 @@ pub async fn restore(
     sync_fs(newdir)?;
     progress.done();
     Ok(stats)
+}
+
+/// The entry's extended attributes, checked: only `user.kmsfs.*` names,
+/// values up to 64 KiB, each name once, and only on a directory or a
+/// regular file's first name (the only entries that can hold them).
+fn checked_xattrs(entry: &Entry) -> Result<Vec<crate::xattrs::Xattr>, String> {
+    if entry.xattrs.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !matches!(entry.kind, Kind::Dir | Kind::File) {
+        return Err(format!(
+            "entry {:?}: a {:?} entry cannot carry extended attributes",
+            entry.path, entry.kind
+        ));
+    }
+    let mut out: Vec<crate::xattrs::Xattr> = Vec::with_capacity(entry.xattrs.len());
+    for (name, value) in &entry.xattrs {
+        let x = crate::xattrs::decode(name, value)
+            .map_err(|e| format!("entry {:?}: {e}", entry.path))?;
+        if out.iter().any(|(n, _)| *n == x.0) {
+            return Err(format!(
+                "entry {:?}: extended attribute {name:?} is listed twice",
+                entry.path
+            ));
+        }
+        out.push(x);
+    }
+    Ok(out)
+}
+
+/// Sets the restored entry's extended attributes; a destination without
+/// them is refused, naming the entry.
+fn set_xattrs(path: &Path, xattrs: &[crate::xattrs::Xattr]) -> Result<(), SnapshotError> {
+    match crate::xattrs::write(path, xattrs) {
+        Ok(()) => Ok(()),
+        Err(crate::xattrs::WriteError::Unsupported) => Err(SnapshotError::Destination {
+            path: path.to_path_buf(),
+            detail: "cannot set the extended attributes this entry carries (its encrypted \
+                     attributes and ACLs): the destination filesystem has no user extended \
+                     attributes; restore onto one that has them (ext4, xfs, tmpfs)"
+                .into(),
+        }),
+        Err(crate::xattrs::WriteError::NoRoom) => Err(SnapshotError::Destination {
+            path: path.to_path_buf(),
+            detail: format!(
+                "no room for the extended attributes this entry carries ({} bytes): the \
+                 destination is full, or keeps too little per file (ext4 holds one 4 KiB block \
+                 of attributes per inode); restore onto a filesystem that holds them (tmpfs does)",
+                xattrs.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+            ),
+        }),
+        Err(crate::xattrs::WriteError::Io(e)) => Err(SnapshotError::io(path, e)),
+    }
 }
 
 /// Fetches, verifies and writes the chunks of one file; returns how many
@@ -433,6 +494,45 @@ mod tests {
         assert!(checked_rel("/etc").is_none());
         assert!(checked_rel("").is_none());
         assert!(checked_rel("./a").is_none());
+    }
+
+    #[test]
+    fn attributes_are_checked_strictly() {
+        let mut e = Entry {
+            path: "d/f".into(),
+            kind: Kind::File,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            atime: (0, 0),
+            mtime: (0, 0),
+            size: 0,
+            chunks: Vec::new(),
+            target: None,
+            rdev: None,
+            link: None,
+            xattrs: vec![
+                ("user.kmsfs.id".into(), "AAE=".into()),
+                ("user.kmsfs.x.a".into(), "".into()),
+            ],
+        };
+        assert_eq!(checked_xattrs(&e).unwrap().len(), 2);
+        e.xattrs.push(("user.other".into(), "AA==".into()));
+        let err = checked_xattrs(&e).unwrap_err();
+        assert!(
+            err.contains("\"d/f\"") && err.contains("user.other"),
+            "{err}"
+        );
+        e.xattrs.pop();
+        e.xattrs.push(("user.kmsfs.id".into(), "AA==".into()));
+        assert!(checked_xattrs(&e).unwrap_err().contains("twice"));
+        e.xattrs.pop();
+        e.kind = Kind::Symlink;
+        assert!(checked_xattrs(&e).unwrap_err().contains("cannot carry"));
+        e.kind = Kind::Hardlink;
+        assert!(checked_xattrs(&e).is_err());
+        e.kind = Kind::Dir;
+        assert!(checked_xattrs(&e).is_ok());
     }
 
     #[test]

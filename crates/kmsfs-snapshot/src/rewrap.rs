@@ -168,6 +168,7 @@ mod tests {
             target: None,
             rdev: None,
             link: None,
+            xattrs: Vec::new(),
         }
     }
 

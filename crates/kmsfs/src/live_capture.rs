@@ -11,8 +11,10 @@
 //!    every modifying request. The client walks the tree (names, types,
 //!    owners, modes, times, symlink targets) and re-copies only the files
 //!    whose pre-copy may be stale: changed since `TRACK`, new, moved, or in
-//!    a directory made since. Then it thaws. The pause is a metadata walk
-//!    plus the files written during the pre-copy, not the tree's size.
+//!    a directory made since, and reads every directory's and file's
+//!    `user.kmsfs.*` attributes (encrypted attributes and ACLs). Then it
+//!    thaws. The pause is a metadata walk plus the files written during
+//!    the pre-copy, not the tree's size.
 //! 3. **After the thaw.** The tree is rebuilt in the staging directory from
 //!    what the walk recorded, with hard links to the pool; the ordinary
 //!    snapshot walk then uploads it as if it were the backing directory.
@@ -138,6 +140,8 @@ struct Item {
     rel: PathBuf,
     md: Metadata,
     kind: ItemKind,
+    /// Its `user.kmsfs.*` attributes (a file's on its first name only).
+    xattrs: Vec<kmsfs_snapshot::xattrs::Xattr>,
 }
 
 enum ItemKind {
@@ -364,13 +368,18 @@ fn frozen_walk(
     walk(cipherdir, false, |rel, md| {
         let path = cipherdir.join(rel);
         let ft = md.file_type();
+        // Attributes are read here, frozen, for every entry: they are not
+        // in the pre-copy, and a setxattr is held like any change.
+        let mut xattrs = Vec::new();
         let kind = if ft.is_dir() {
             dir_ino.insert(rel.to_path_buf(), md.ino());
+            xattrs = read_xattrs(&path)?;
             ItemKind::Dir
         } else if ft.is_file() {
             let pool = match by_ino.get(&md.ino()) {
                 Some(p) => p.clone(),
                 None => {
+                    xattrs = read_xattrs(&path)?;
                     let parent_changed = rel
                         .parent()
                         .and_then(|p| dir_ino.get(p))
@@ -410,10 +419,16 @@ fn frozen_walk(
             rel: rel.to_path_buf(),
             md,
             kind,
+            xattrs,
         });
         Ok(())
     })?;
     Ok((items, files, bytes))
+}
+
+fn read_xattrs(path: &Path) -> anyhow::Result<Vec<kmsfs_snapshot::xattrs::Xattr>> {
+    kmsfs_snapshot::xattrs::read(path)
+        .with_context(|| format!("cannot read the extended attributes of {}", path.display()))
 }
 
 fn cpath(p: &Path) -> anyhow::Result<CString> {
@@ -421,8 +436,9 @@ fn cpath(p: &Path) -> anyhow::Result<CString> {
 }
 
 /// Makes `tree` what the frozen walk saw: entries first (directories
-/// before their contents), then owners, modes and times, children before
-/// their directory so a directory's times are set last.
+/// before their contents) with their extended attributes, then owners,
+/// modes and times, children before their directory so a directory's
+/// times are set last.
 fn build_tree(tree: &Path, pool: &Path, items: &[Item]) -> anyhow::Result<()> {
     for it in items {
         let path = tree.join(&it.rel);
@@ -442,6 +458,10 @@ fn build_tree(tree: &Path, pool: &Path, items: &[Item]) -> anyhow::Result<()> {
             }
         };
         made.with_context(|| format!("cannot stage {}", path.display()))?;
+        // The staging directory is on the backing filesystem, which held
+        // these attributes a moment ago.
+        kmsfs_snapshot::xattrs::write(&path, &it.xattrs)
+            .with_context(|| format!("cannot set the extended attributes of {}", path.display()))?;
     }
     for it in items.iter().rev() {
         let path = tree.join(&it.rel);
