@@ -531,7 +531,9 @@ async fn async_checks(
                     Status::Warn,
                     "token",
                     format!(
-                        "token expires in {} (at {}); mounts will fail after that: renew it or use AppRole",
+                        "token expires in {} (at {}); new mounts and commands will fail after that \
+                         (running mounts renew their own): run `kmsfs kms renew` (the example \
+                         kmsfs-renew.timer does it every 6 hours), or use AppRole",
                         human_secs(t.ttl),
                         t.expire_time.as_deref().unwrap_or("?")
                     ),
