@@ -518,8 +518,25 @@ async fn outside_systemd_only_the_daemon_uses_the_journal_and_a_dead_journal_fai
     let cipher = env.path("a-cipher");
     let plain = env.path("a-plain");
     fs::create_dir_all(&plain).expect("mountpoint");
-    k.run_async(&["create", s(&cipher)]).await.ok();
+    let run = k.run_async(&["create", s(&cipher)]).await.ok();
     assert!(journal.drain().is_empty(), "a command outside systemd");
+    assert!(!run.stderr.contains("OPERATION="), "{}", run.stderr);
+    // ... it goes to kmsfs's log, shown on stderr when asked for.
+    let logged = env.path("logged-cipher");
+    let run = k
+        .clone()
+        .with_env("KMSFS_LOG", "warn,kmsfs::audit=info")
+        .run_async(&["create", s(&logged)])
+        .await
+        .ok();
+    assert!(journal.drain().is_empty());
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("kmsfs::audit"))
+        .unwrap_or_else(|| panic!("no audit line:\n{}", run.stderr));
+    assert!(line.contains("OPERATION=\"create\""), "{line}");
+    assert!(line.contains("RESULT=\"ok\""), "{line}");
     // The mount daemon has no terminal: it uses the journal.
     let _guard = CliMountGuard(plain.clone());
     k.run_async(&["mount", s(&cipher), s(&plain)]).await.ok();
@@ -546,7 +563,7 @@ async fn outside_systemd_only_the_daemon_uses_the_journal_and_a_dead_journal_fai
         run.stderr
     );
     let run = k.run_async(&["rewrap", "--all"]).await.ok();
-    assert_eq!(run.stdout.lines().count(), 2, "{}", run.stdout);
+    assert_eq!(run.stdout.lines().count(), 3, "{}", run.stdout);
     assert_eq!(
         run.stderr.matches("cannot send audit events").count(),
         1,
