@@ -29,6 +29,11 @@ const SCRUBBED: &[&str] = &[
     "KMSFS_TOKEN_FILE",
     "KMSFS_KMS_KEY",
     "KMSFS_CONFIG",
+    // Audit events go to the test's own journal socket, or nowhere: never
+    // to the journald of a host that runs the suite under systemd.
+    "KMSFS_JOURNAL_SOCKET",
+    "INVOCATION_ID",
+    "JOURNAL_STREAM",
 ];
 
 fn workspace_root() -> PathBuf {

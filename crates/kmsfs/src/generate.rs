@@ -190,6 +190,14 @@ The KMS configuration file, as \fB\-\-config\fR.
 \fBKMSFS_LOG\fR
 Log filter (\fBwarn\fR by default; for example \fBinfo\fR or \fBkmsfs=debug\fR).
 .TP
+\fBKMSFS_JOURNAL_SOCKET\fR
+journald's native socket for the audit events (default
+\fI/run/systemd/journal/socket\fR). Events go to the journal when the socket
+exists and the command runs under systemd (\fBINVOCATION_ID\fR or
+\fBJOURNAL_STREAM\fR set), and always from the mount daemon; otherwise to the
+log above (target \fBkmsfs::audit\fR, level info). Read them with
+\fBjournalctl \-t kmsfs OPERATION=rewrap\fR.
+.TP
 \fBVAULT_ADDR\fR, \fBVAULT_TOKEN\fR, \fBKMSFS_TOKEN_FILE\fR, \fBVAULT_CACERT\fR, \fBVAULT_AGENT_ADDR\fR
 Used when the configuration file does not exist (\fBBAO_\fR names too);
 see \fBkms.toml\fR(5).

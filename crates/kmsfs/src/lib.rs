@@ -28,10 +28,14 @@
 //!   `mount.kmsfs` helper, `-o` option parsing and the daemon start-up;
 //! * [`control`], [`live_capture`]: the daemon's control socket and the
 //!   point-in-time capture of a mounted filesystem for `snapshot create`;
-//! * [`generate`]: the man pages and shell completions `scripts/install` installs.
+//! * [`generate`]: the man pages and shell completions `scripts/install` installs;
+//! * [`audit`]: the audit records (journald's native protocol, or the log)
+//!   of create, mount, umount, rewrap, slot and snapshot operations;
+//! * [`output`]: `--quiet`, and the informational prints it silences.
 
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod commands;
 pub mod control;
 pub mod daemon;
@@ -46,6 +50,7 @@ pub mod live_capture;
 pub mod mount;
 pub mod mount_checks;
 pub mod mount_options;
+pub mod output;
 pub mod registry;
 pub mod remount;
 pub mod slotkms;

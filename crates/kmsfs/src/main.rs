@@ -25,6 +25,10 @@ struct Cli {
         default_value = kmsconfig::DEFAULT_CONFIG_PATH
     )]
     config: PathBuf,
+    /// No confirmations, summaries or progress on success (listings,
+    /// reports and --json output stay); errors and warnings are printed.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    kmsfs::output::set_quiet(cli.quiet);
     report(run(&cli.config, cli.command), json)
 }
 

@@ -1,5 +1,6 @@
 //! `kmsfs mount`, `kmsfs umount` and the `mount.kmsfs` helper for mount(8).
 
+use crate::audit::{Event, Field, Op};
 use crate::daemon::{self, ReadyPipe, SyslogWriter};
 use crate::fsheader;
 use crate::mount_checks::{self, Expected, KeyVerdict};
@@ -54,8 +55,21 @@ pub struct UmountArgs {
 ///
 /// Without `--foreground` the command re-executes itself as a daemon and
 /// returns only when the mount is usable (exit 0) or has failed (an error).
+///
+/// The process that serves the mount records the audit events: `mount`
+/// once it is usable (or failed), `umount` when it ends.
 pub fn run_mount(config_path: &Path, args: MountArgs) -> anyhow::Result<()> {
-    let opts = parse_options(&args.options)?;
+    let mut event = Event::new(Op::Mount);
+    event.cipherdir(&args.cipherdir).set(
+        Field::Mountpoint,
+        crate::commands::absolute(&args.mountpoint)
+            .unwrap_or_else(|_| args.mountpoint.clone())
+            .to_string_lossy(),
+    );
+    if !args.options.is_empty() {
+        event.set(Field::MountOptions, args.options.join(","));
+    }
+    let opts = parse_options(&args.options).inspect_err(|e| event.fail(e))?;
     if !args.foreground {
         let mut child: Vec<OsString> = vec![
             "--config".into(),
@@ -76,7 +90,13 @@ pub fn run_mount(config_path: &Path, args: MountArgs) -> anyhow::Result<()> {
     }
     let mut ready = args.ready_fd.map(ReadyPipe::from_fd).transpose()?;
     init_logging(ready.is_some());
-    let result = serve(config_path, &args, &opts, ready.as_mut());
+    if ready.is_some() {
+        // No terminal: audit events go to the journal when it is there.
+        crate::audit::set_daemon();
+    }
+    let result = serve(config_path, &args, &opts, ready.as_mut(), &mut event);
+    // Sent already when the mount came up; otherwise this is its failure.
+    event.finish(&result);
     if let Err(e) = &result {
         warn!("mount of {} failed: {e:#}", args.cipherdir.display());
         if let Some(r) = ready.as_mut() {
@@ -108,6 +128,7 @@ fn serve(
     args: &MountArgs,
     opts: &ParsedOptions,
     ready: Option<&mut ReadyPipe>,
+    event: &mut Event,
 ) -> anyhow::Result<()> {
     crate::hardening::harden_daemon()?;
     // Before any thread exists, so every thread inherits the mask and only
@@ -121,10 +142,14 @@ fn serve(
         .mountpoint
         .canonicalize()
         .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
+    event.set(Field::Cipherdir, cipherdir.to_string_lossy());
+    event.set(Field::Mountpoint, mountpoint.to_string_lossy());
     check_mountpoint(&mountpoint)?;
     let cfg_path = opts.kms_config.as_deref().unwrap_or(config_path);
     let cfg = crate::kmsconfig::load_kms_config(cfg_path)?;
     let header = fsheader::read_header(&cipherdir)?;
+    // Not authenticated yet: replaced by the header's own once unlocked.
+    event.uuid(&header.unverified().uuid);
     // What this host recorded at create (or was told with -o kcv=); a
     // header from another registered filesystem is refused before the KMS
     // is even asked.
@@ -149,6 +174,7 @@ fn serve(
         &cipherdir,
         header,
         Duration::from_secs(timeout),
+        event,
     )?;
     // A valid MAC only proves the header carries a key its writer knew:
     // check that it is this filesystem's key before serving anything.
@@ -211,6 +237,9 @@ fn serve(
                 None
             }
         };
+    // Before the parent returns, so the record is there when `kmsfs
+    // mount` has exited.
+    event.ok();
     if let Some(r) = ready {
         r.ok();
     }
@@ -226,6 +255,7 @@ fn serve(
     });
     let served = session.join().context("FUSE session");
     kms.stop();
+    event.for_op(Op::Umount).finish(&served);
     served?;
     info!("unmounted {}; keys zeroized", mountpoint.display());
     Ok(())
@@ -239,12 +269,19 @@ fn unlock_with_retry(
     cipherdir: &Path,
     header: kmsfs_core::header::UnverifiedHeader,
     timeout: Duration,
+    event: &mut Event,
 ) -> anyhow::Result<FsKeys> {
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(500);
     loop {
         match rt.block_on(fsheader::unlock(access, cipherdir, header.clone())) {
-            Ok(u) => return Ok(u.keys),
+            Ok(u) => {
+                event.uuid(&u.header.uuid);
+                if let Some(s) = u.header.slots.get(u.slot) {
+                    event.slot(u.slot, s);
+                }
+                return Ok(u.keys);
+            }
             Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
                 warn!("KMS not available yet, retrying in {delay:?}: {e}");
                 std::thread::sleep(delay);
@@ -349,8 +386,21 @@ fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
 /// for that. Files that stay open still fail, after this long.
 const BUSY_GRACE: Duration = Duration::from_secs(3);
 
-/// Runs `kmsfs umount`.
+/// Runs `kmsfs umount`. A failure is recorded as an audit event here;
+/// success by the daemon, which sees every unmount (umount(8) and
+/// `fusermount3 -u` too).
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<()> {
+    let result = umount_now(&args);
+    if let Err(e) = &result {
+        let mp =
+            crate::commands::absolute(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone());
+        let mut event = Event::new(Op::Umount);
+        event.set(Field::Mountpoint, mp.to_string_lossy()).fail(e);
+    }
+    result
+}
+
+fn umount_now(args: &UmountArgs) -> anyhow::Result<()> {
     let mp = args
         .mountpoint
         .canonicalize()

@@ -9,7 +9,8 @@ use kmsfs_core::keys::{FsKeys, MasterKey};
 use kmsfs_core::layout::{self, DIR_IV_NAME};
 use std::os::fd::AsFd;
 
-use crate::commands::{absolute, kms_access, runtime, uuid_string};
+use crate::audit::{Event, Field, Op};
+use crate::commands::{absolute, kms_access, print_json, runtime, uuid_string};
 use crate::fsheader::{header_path, write_header};
 use crate::keycheck::KeyCheck;
 use crate::kmsconfig::{load_kms_config, registry_path};
@@ -30,6 +31,9 @@ pub struct CreateArgs {
     /// configuration). kmsfs never creates KMS keys.
     #[arg(long, value_name = "NAME")]
     pub kms_key: Option<String>,
+    /// Print JSON (path, UUID, key, key check value) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Checks that `dir` can receive a new filesystem; returns whether it exists.
@@ -83,12 +87,23 @@ fn roll_back(dir: &Path, created_dir: bool) {
 }
 
 /// Creates the filesystem; prints its UUID on stdout, and its key check
-/// value (not secret) on stderr for pinning on other hosts.
+/// value (not secret) on stderr for pinning on other hosts (or all of it
+/// as JSON on stdout). Records an audit event either way.
 pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
+    let mut event = Event::new(Op::Create);
+    event.cipherdir(&args.cipherdir);
+    let result = create(config_path, args, &mut event);
+    event.finish(&result);
+    result
+}
+
+fn create(config_path: &Path, args: CreateArgs, event: &mut Event) -> anyhow::Result<()> {
     let dir = args.cipherdir.clone();
     let existed = check_target(&dir)?;
     let cfg = load_kms_config(config_path)?;
     let key_name = args.kms_key.clone().unwrap_or_else(|| cfg.key_name.clone());
+    event.set(Field::KmsType, cfg.kind.as_str());
+    event.set(Field::KmsKeyName, key_name.clone());
     let access = kms_access(&cfg)?;
     let rt = runtime()?;
 
@@ -113,6 +128,7 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
         ))
         .with_context(fail);
     }
+    event.uuid(&uuid);
     let keys = FsKeys::derive(&master, &uuid);
     let kcv = KeyCheck::of(&keys);
     let key_desc = match &new_slot.kms {
@@ -124,15 +140,18 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
         ),
         SlotKms::Kmip(k) => format!("KMIP key '{}'", k.key_id),
     };
+    let slot = KeySlot {
+        label: PRIMARY_LABEL.into(),
+        created: now_secs(),
+        kms: new_slot.kms,
+    };
+    event.slot(0, &slot);
+    let slot_json = crate::commands::slot::slot_json(0, &slot);
     let header = Header {
         features: 0,
         uuid,
         created: now_secs(),
-        slots: vec![KeySlot {
-            label: PRIMARY_LABEL.into(),
-            created: now_secs(),
-            kms: new_slot.kms,
-        }],
+        slots: vec![slot],
     };
     let bytes = header
         .encode(&keys)
@@ -166,19 +185,33 @@ pub fn run_create(config_path: &Path, args: CreateArgs) -> anyhow::Result<()> {
         });
         reg.save(&reg_path)
     });
-    if let Err(e) = registered {
-        eprintln!(
-            "kmsfs: warning: filesystem created but not registered in {}: {e:#} \
+    let registered = match registered {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "kmsfs: warning: filesystem created but not registered in {}: {e:#} \
              (`kmsfs list`, `rewrap --all` and `kms check` will not know it, and mounts \
              here need -o kcv={kcv} to detect a replaced header)",
-            reg_path.display()
-        );
+                reg_path.display()
+            );
+            false
+        }
+    };
+    if args.json {
+        return print_json(&serde_json::json!({
+            "path": abs,
+            "uuid": id,
+            "key_check_value": kcv.to_string(),
+            "registered": registered,
+            "registry": reg_path,
+            "slot": slot_json,
+        }));
     }
-    eprintln!("created kmsfs filesystem in {} ({key_desc})", abs.display());
-    eprintln!(
+    crate::info_eprintln!("created kmsfs filesystem in {} ({key_desc})", abs.display());
+    crate::info_eprintln!(
         "key check value: {kcv} (not secret; on hosts that mount it without having created it, \
          add -o kcv={kcv} so that a replaced kmsfs.header is refused)"
     );
-    println!("{id}");
+    crate::info_println!("{id}");
     Ok(())
 }

@@ -4,10 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kmsfs_core::header::{Header, KmipSlot, SlotKms, UnverifiedHeader, VaultSlot};
+use kmsfs_core::header::{Header, KeySlot, KmipSlot, SlotKms, UnverifiedHeader, VaultSlot};
 use kmsfs_core::keys::{FsKeys, MasterKey};
 
-use crate::commands::{absolute, kms_access, runtime};
+use serde_json::json;
+
+use crate::audit::{Event, Field, Op, Priority};
+use crate::commands::{absolute, kms_access, print_json, runtime};
 use crate::fsheader::{read_header_bytes, slot_context, unlock, unwrap_slot, Unlocked};
 use crate::header_update::{replace_header, HeaderLock};
 use crate::kmsconfig::{load_kms_config, registry_path};
@@ -34,6 +37,10 @@ pub struct RewrapArgs {
     /// configured KMS opens.
     #[arg(long, value_name = "LABEL|INDEX")]
     pub slot: Option<String>,
+    /// Print JSON (one object per filesystem, one entry per slot) instead
+    /// of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What happened to one key slot.
@@ -62,6 +69,8 @@ pub struct SlotReport {
     pub index: usize,
     /// The slot's label.
     pub label: String,
+    /// The slot as it was before (for the audit record: its key).
+    pub before: KeySlot,
     /// What happened.
     pub outcome: SlotOutcome,
 }
@@ -84,6 +93,65 @@ impl SlotReport {
                 format!("{head}: not reached by this KMS configuration, unchanged ({why})")
             }
             SlotOutcome::Failed(why) => format!("{head}: FAILED: {why}"),
+        }
+    }
+
+    /// The report as JSON (`rewrap --json`, `snapshot rewrap --json`):
+    /// index, label, `outcome` (`rewrapped`, `unchanged`, `not-reached`,
+    /// `failed`), keys and versions (null for KMIP keys, which have none)
+    /// or the reason, and `result`, the text line.
+    pub fn to_json(&self) -> serde_json::Value {
+        let version = |v: u32| (v != 0).then_some(v);
+        let mut j = json!({"index": self.index, "label": self.label, "result": self.line()});
+        match &self.outcome {
+            SlotOutcome::Rewrapped { old, new } => {
+                j["outcome"] = json!("rewrapped");
+                j["old_key"] = json!(old.0);
+                j["old_version"] = json!(version(old.1));
+                j["key"] = json!(new.0);
+                j["version"] = json!(version(new.1));
+            }
+            SlotOutcome::Current((k, v)) => {
+                j["outcome"] = json!("unchanged");
+                j["key"] = json!(k);
+                j["version"] = json!(version(*v));
+            }
+            SlotOutcome::NotReached(why) => {
+                j["outcome"] = json!("not-reached");
+                j["reason"] = json!(why);
+            }
+            SlotOutcome::Failed(why) => {
+                j["outcome"] = json!("failed");
+                j["error"] = json!(why);
+            }
+        }
+        j
+    }
+
+    /// Sends the slot's audit record: `base` carries the filesystem (or
+    /// snapshot) fields, `op` is [`Op::Rewrap`] or [`Op::SnapshotRewrap`].
+    pub fn audit(&self, base: &Event, op: Op) {
+        let mut e = base.for_op(op);
+        e.slot(self.index, &self.before);
+        let set_key = |e: &mut Event, name: Field, ver: Field, (k, v): &(String, u32)| {
+            e.set(name, k.clone());
+            if *v == 0 {
+                e.unset(ver);
+            } else {
+                e.set(ver, v.to_string());
+            }
+        };
+        match &self.outcome {
+            SlotOutcome::Rewrapped { old, new } => {
+                set_key(&mut e, Field::OldKmsKeyName, Field::OldKmsKeyVersion, old);
+                set_key(&mut e, Field::KmsKeyName, Field::KmsKeyVersion, new);
+                e.set(Field::Outcome, "rewrapped").ok();
+            }
+            SlotOutcome::Current(_) => e.set(Field::Outcome, "unchanged").ok(),
+            SlotOutcome::NotReached(why) => e
+                .set(Field::Outcome, "not-reached")
+                .emit(&format!("not reached: {why}"), Priority::Warning),
+            SlotOutcome::Failed(why) => e.set(Field::Outcome, "failed").emit(why, Priority::Error),
         }
     }
 }
@@ -329,6 +397,7 @@ pub async fn rewrap_slots(
         reports.push(SlotReport {
             index: i,
             label: slot.label.clone(),
+            before: slot.clone(),
             outcome,
         });
     }
@@ -345,12 +414,14 @@ pub async fn rewrap_slots(
 /// replaced once, after every new wrapping has been unwrapped again and the
 /// new header shown to authenticate; a backup (`kmsfs.header.bak`) exists
 /// while it is replaced. Fails when the header cannot be unlocked or
-/// written; per-slot failures are in the report.
+/// written; per-slot failures are in the report. `event` receives the
+/// filesystem UUID once the header is authenticated.
 pub async fn rewrap_one(
     access: &KmsAccess,
     dir: &Path,
     new_key: Option<&str>,
     only: Option<&str>,
+    event: &mut Event,
 ) -> anyhow::Result<Vec<SlotReport>> {
     let lock = HeaderLock::acquire(dir)?;
     let (old_bytes, hdr): (Vec<u8>, UnverifiedHeader) = read_header_bytes(dir)?;
@@ -361,6 +432,7 @@ pub async fn rewrap_one(
         master,
         slot: opened,
     } = unlock(access, dir, hdr).await?;
+    event.uuid(&header.uuid);
     let RewrappedSlots {
         header: new_header,
         reports,
@@ -390,7 +462,7 @@ pub fn run_rewrap(config_path: &Path, args: RewrapArgs) -> anyhow::Result<()> {
     let cfg = load_kms_config(config_path)?;
     let access = kms_access(&cfg)?;
     let rt = runtime()?;
-    let bar = (dirs.len() > 3).then(|| {
+    let bar = (dirs.len() > 3 && !args.json && !crate::output::quiet()).then(|| {
         let b = indicatif::ProgressBar::with_draw_target(
             Some(dirs.len() as u64),
             indicatif::ProgressDrawTarget::stderr(),
@@ -404,16 +476,20 @@ pub fn run_rewrap(config_path: &Path, args: RewrapArgs) -> anyhow::Result<()> {
     });
     let mut failures = 0usize;
     let mut lines = Vec::new();
+    let mut json_out = Vec::new();
     for dir in &dirs {
         let shown = absolute(dir).unwrap_or_else(|_| dir.clone());
         if let Some(b) = &bar {
             b.set_message(shown.display().to_string());
         }
+        let mut event = Event::new(Op::Rewrap);
+        event.cipherdir(dir);
         match rt.block_on(rewrap_one(
             &access,
             dir,
             args.new_key.as_deref(),
             args.slot.as_deref(),
+            &mut event,
         )) {
             Ok(reports) => {
                 let failed = reports
@@ -426,12 +502,22 @@ pub fn run_rewrap(config_path: &Path, args: RewrapArgs) -> anyhow::Result<()> {
                     failures += 1;
                 }
                 for r in &reports {
+                    r.audit(&event, Op::Rewrap);
                     lines.push(format!("{}: {}", shown.display(), r.line()));
                 }
+                let slots: Vec<_> = reports.iter().map(SlotReport::to_json).collect();
+                json_out.push(json!({
+                    "path": shown,
+                    "fs_uuid": event.get(Field::FsUuid),
+                    "ok": !failed && reached,
+                    "slots": slots,
+                }));
             }
             Err(e) => {
                 failures += 1;
+                event.fail(&e);
                 lines.push(format!("{}: FAILED: {e:#}", shown.display()));
+                json_out.push(json!({"path": shown, "ok": false, "error": format!("{e:#}")}));
             }
         }
         if let Some(b) = &bar {
@@ -441,8 +527,13 @@ pub fn run_rewrap(config_path: &Path, args: RewrapArgs) -> anyhow::Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    for l in &lines {
-        println!("{l}");
+    if args.json {
+        print_json(&json!(json_out))?;
+    } else if failures > 0 || !crate::output::quiet() {
+        // Under --quiet the lines are shown only when something failed.
+        for l in &lines {
+            println!("{l}");
+        }
     }
     if failures > 0 {
         anyhow::bail!(

@@ -20,6 +20,7 @@ use kmsfs_core::slots::validate_label;
 use kmsfs_keystore::{KmsConfig, KmsKind};
 use serde_json::json;
 
+use crate::audit::{Event, Field, Op};
 use crate::commands::rewrap::{probe_slots, select_slot};
 use crate::commands::{absolute, kms_access, print_json, runtime, uuid_string};
 use crate::fsheader::{read_header, read_header_bytes, unlock, Unlocked};
@@ -70,6 +71,10 @@ pub struct AddArgs {
     /// Label of the new slot (default `slot-N`).
     #[arg(long, value_name = "LABEL")]
     pub label: Option<String>,
+    /// Print JSON (the new slot, as `slot list --json` shows it) instead of
+    /// text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `kmsfs slot remove`.
@@ -84,14 +89,29 @@ pub struct RemoveArgs {
     /// can open.
     #[arg(long)]
     pub force: bool,
+    /// Print JSON (the removed slot and the slots left) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs a `kmsfs slot` subcommand.
 pub fn run_slot(config_path: &Path, args: SlotArgs) -> anyhow::Result<()> {
     match args.command {
         SlotCommand::List(a) => run_list(a),
-        SlotCommand::Add(a) => run_add(config_path, a),
-        SlotCommand::Remove(a) => run_remove(config_path, a),
+        SlotCommand::Add(a) => {
+            let mut event = Event::new(Op::SlotAdd);
+            event.cipherdir(&a.cipherdir);
+            let result = run_add(config_path, a, &mut event);
+            event.finish(&result);
+            result
+        }
+        SlotCommand::Remove(a) => {
+            let mut event = Event::new(Op::SlotRemove);
+            event.cipherdir(&a.cipherdir);
+            let result = run_remove(config_path, a, &mut event);
+            event.finish(&result);
+            result
+        }
     }
 }
 
@@ -186,7 +206,9 @@ fn run_list(a: ListArgs) -> anyhow::Result<()> {
             .collect();
         println!("{}", line.join("  ").trim_end());
     }
-    eprintln!("(read from the header without the KMS: not authenticated until a mount or unlock)");
+    crate::info_eprintln!(
+        "(read from the header without the KMS: not authenticated until a mount or unlock)"
+    );
     Ok(())
 }
 
@@ -198,7 +220,7 @@ fn default_label(h: &Header) -> String {
         .unwrap_or_else(|| "slot-x".into())
 }
 
-fn run_add(config_path: &Path, a: AddArgs) -> anyhow::Result<()> {
+fn run_add(config_path: &Path, a: AddArgs, event: &mut Event) -> anyhow::Result<()> {
     let dir = &a.cipherdir;
     let cfg = load_kms_config(config_path)?;
     let new_cfg = KmsConfig::load(&a.kms_config).map_err(|e| {
@@ -219,12 +241,18 @@ fn run_add(config_path: &Path, a: AddArgs) -> anyhow::Result<()> {
         }
         None => default_label(hdr.unverified()),
     };
+    event
+        .set(Field::SlotLabel, label.clone())
+        .set(Field::KmsType, new_cfg.kind.as_str())
+        .set(Field::KmsKeyName, new_cfg.key_name.clone())
+        .set(Field::KmsAddresses, new_cfg.addresses.join(","));
     let Unlocked {
         header,
         keys,
         master,
         ..
     } = rt.block_on(unlock(&access, dir, hdr))?;
+    event.uuid(&header.uuid);
     if header.slots.iter().any(|s| s.label == label) {
         anyhow::bail!(
             "{}: a key slot is already labelled '{label}'; choose another --label",
@@ -291,10 +319,18 @@ fn run_add(config_path: &Path, a: AddArgs) -> anyhow::Result<()> {
     let mut new_header = header.clone();
     new_header.slots.push(slot);
     let index = new_header.slots.len() - 1;
+    event.slot(index, &new_header.slots[index]);
     // The header is proven with the key the new KMS gave back.
     let proof = FsKeys::derive(&back, &uuid);
     replace_header(&lock, dir, &old_bytes, &new_header, &keys, &proof)?;
-    println!(
+    if a.json {
+        return print_json(&json!({
+            "path": absolute(dir)?,
+            "uuid": uuid_string(&uuid),
+            "added": slot_json(index, &new_header.slots[index]),
+        }));
+    }
+    crate::info_println!(
         "added {} to {}",
         slotkms::describe(index, &new_header.slots[index]),
         dir.display()
@@ -302,7 +338,7 @@ fn run_add(config_path: &Path, a: AddArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_remove(config_path: &Path, a: RemoveArgs) -> anyhow::Result<()> {
+fn run_remove(config_path: &Path, a: RemoveArgs, event: &mut Event) -> anyhow::Result<()> {
     let dir = &a.cipherdir;
     let cfg = load_kms_config(config_path)?;
     let access = kms_access(&cfg)?;
@@ -315,7 +351,9 @@ fn run_remove(config_path: &Path, a: RemoveArgs) -> anyhow::Result<()> {
         master,
         slot: opened,
     } = rt.block_on(unlock(&access, dir, hdr))?;
+    event.uuid(&header.uuid);
     let i = select_slot(&header, &a.slot, dir)?;
+    event.slot(i, &header.slots[i]);
     let victim = slotkms::describe(i, &header.slots[i]);
     if header.slots.len() == 1 {
         anyhow::bail!(
@@ -342,13 +380,27 @@ fn run_remove(config_path: &Path, a: RemoveArgs) -> anyhow::Result<()> {
     let mut new_header = header.clone();
     new_header.slots.remove(i);
     replace_header(&lock, dir, &old_bytes, &new_header, &keys, &keys)?;
+    if a.json {
+        let left: Vec<_> = new_header
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(j, s)| slot_json(j, s))
+            .collect();
+        return print_json(&json!({
+            "path": absolute(dir)?,
+            "uuid": uuid_string(&header.uuid),
+            "removed": slot_json(i, &header.slots[i]),
+            "slots": left,
+        }));
+    }
     let left: Vec<String> = new_header
         .slots
         .iter()
         .enumerate()
         .map(|(j, s)| format!("{j} '{}'", s.label))
         .collect();
-    println!(
+    crate::info_println!(
         "removed {victim} from {}; slots now: {}",
         dir.display(),
         left.join(", ")

@@ -16,6 +16,7 @@ use kmsfs_core::header::UnverifiedHeader;
 use kmsfs_snapshot::{NoProgress, Progress, S3Options, Store, Target};
 use serde_json::json;
 
+use crate::audit::{Event, Field, Op};
 use crate::commands::{absolute, kms_access, print_json, uuid_string};
 use crate::control::client::Control;
 use crate::fsheader::{read_header_at, unlock, Unlocked};
@@ -158,27 +159,60 @@ pub fn run_snapshot(config_path: &Path, args: SnapshotArgs) -> anyhow::Result<()
             full,
             freeze_timeout,
             opts,
-        } => rt.block_on(run_create(
-            config_path,
-            &cipherdir,
-            &target,
-            label,
-            full,
-            Duration::from_secs(freeze_timeout),
-            &opts,
-        )),
+        } => {
+            let mut event = Event::new(Op::SnapshotCreate);
+            event
+                .cipherdir(&cipherdir)
+                .set(Field::SnapshotTarget, target.clone());
+            let result = rt.block_on(run_create(
+                config_path,
+                &cipherdir,
+                &target,
+                label,
+                full,
+                Duration::from_secs(freeze_timeout),
+                &opts,
+                &mut event,
+            ));
+            event.finish(&result);
+            result
+        }
         SnapshotCommand::List { target, opts } => rt.block_on(run_list(&target, &opts)),
         SnapshotCommand::Restore {
             target,
             snapshot,
             newdir,
             opts,
-        } => rt.block_on(run_restore(config_path, &target, &snapshot, &newdir, &opts)),
+        } => {
+            let mut event = Event::new(Op::SnapshotRestore);
+            event
+                .cipherdir(&newdir)
+                .set(Field::SnapshotTarget, target.clone())
+                .set(Field::SnapshotId, snapshot.clone());
+            let result = rt.block_on(run_restore(
+                config_path,
+                &target,
+                &snapshot,
+                &newdir,
+                &opts,
+                &mut event,
+            ));
+            event.finish(&result);
+            result
+        }
         SnapshotCommand::Delete {
             target,
             snapshot,
             opts,
-        } => rt.block_on(run_delete(&target, &snapshot, &opts)),
+        } => {
+            let mut event = Event::new(Op::SnapshotDelete);
+            event
+                .set(Field::SnapshotTarget, target.clone())
+                .set(Field::SnapshotId, snapshot.clone());
+            let result = rt.block_on(run_delete(&target, &snapshot, &opts, &mut event));
+            event.finish(&result);
+            result
+        }
         SnapshotCommand::Rewrap {
             target,
             snapshot,
@@ -264,6 +298,7 @@ fn kmsfs_control_dir() -> &'static str {
     crate::control::RUN_DIR
 }
 
+#[allow(clippy::too_many_arguments)] // the subcommand's options, one by one
 async fn run_create(
     config_path: &Path,
     cipherdir: &Path,
@@ -272,6 +307,7 @@ async fn run_create(
     full: bool,
     freeze_timeout: Duration,
     opts: &StoreOpts,
+    event: &mut Event,
 ) -> anyhow::Result<()> {
     let cipherdir = absolute(cipherdir)?;
     let source = open_source(&cipherdir)?;
@@ -279,12 +315,19 @@ async fn run_create(
         File::open(&cipherdir).with_context(|| format!("cannot open {}", cipherdir.display()))?;
     let (header_bytes, hdr) = read_header_at(dir.as_fd(), &cipherdir)?;
     let store = open_store(target, opts, true)?;
+    event.set(Field::SnapshotTarget, store.display());
     let cfg = load_kms_config(config_path)?;
     let kms = kms_access(&cfg)?;
     // Unlocking authenticates the header that goes into the snapshot and
     // gives the key its manifest is authenticated with.
-    let Unlocked { header, keys, .. } = unlock(&kms, &cipherdir, hdr).await?;
+    let Unlocked {
+        header, keys, slot, ..
+    } = unlock(&kms, &cipherdir, hdr).await?;
     let fs_uuid = uuid_string(&header.uuid);
+    event.uuid(&header.uuid);
+    if let Some(s) = header.slots.get(slot) {
+        event.slot(slot, s);
+    }
     // A mounted filesystem is read from a capture of one instant; the
     // upload then runs with writes going on.
     // The lock (unmounted) is held until the snapshot is published.
@@ -344,6 +387,7 @@ async fn run_create(
             cipherdir.display()
         )
     })?;
+    event.set(Field::SnapshotId, stats.id.clone());
     crate::snapshot_targets::remember_quietly(
         config_path,
         target,
@@ -362,12 +406,12 @@ async fn run_create(
         return print_json(&v);
     }
     if let Some(c) = &capture {
-        eprintln!(
+        crate::info_eprintln!(
             "kmsfs: snapshot: captured while mounted; writes were held for {:.1} ms",
             c.stats.write_pause_ms
         );
     }
-    println!("{}", stats.id);
+    crate::info_println!("{}", stats.id);
     Ok(())
 }
 
@@ -403,10 +447,12 @@ async fn run_restore(
     snapshot: &str,
     newdir: &Path,
     opts: &StoreOpts,
+    event: &mut Event,
 ) -> anyhow::Result<()> {
     use base64::Engine as _;
     let newdir = absolute(newdir)?;
     let store = open_store(target, opts, false)?;
+    event.set(Field::SnapshotTarget, store.display());
     // Checked before anything is fetched, and again by the restore.
     check_destination(&newdir)?;
     let cfg = load_kms_config(config_path)?;
@@ -417,7 +463,9 @@ async fn run_restore(
         .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: header is not base64: {e}"))?;
     let hdr = UnverifiedHeader::parse(&header_bytes)
         .map_err(|e| anyhow::anyhow!("{target}: snapshot {snapshot}: header: {e}"))?;
-    let Unlocked { header, keys, .. } = match unlock(&kms, &newdir, hdr).await {
+    let Unlocked {
+        header, keys, slot, ..
+    } = match unlock(&kms, &newdir, hdr).await {
         Ok(u) => u,
         Err(e) => {
             // A snapshot keeps the wrapping it was taken with: after a
@@ -437,6 +485,10 @@ async fn run_restore(
         }
     };
     let fs_uuid = uuid_string(&header.uuid);
+    event.uuid(&header.uuid);
+    if let Some(s) = header.slots.get(slot) {
+        event.slot(slot, s);
+    }
     if !fs_uuid.eq_ignore_ascii_case(&manifest.head.fs_uuid) {
         anyhow::bail!(
             "{target}: snapshot {snapshot}: the manifest names filesystem {} but carries the header of {fs_uuid}",
@@ -486,7 +538,7 @@ async fn run_restore(
         v["fs_uuid"] = json!(fs_uuid);
         return print_json(&v);
     }
-    println!(
+    crate::info_println!(
         "restored {snapshot} into {} ({} files, {} bytes, filesystem {fs_uuid})",
         newdir.display(),
         stats.files,
@@ -512,23 +564,33 @@ fn check_destination(newdir: &Path) -> anyhow::Result<()> {
     }
 }
 
-async fn run_delete(target: &str, snapshot: &str, opts: &StoreOpts) -> anyhow::Result<()> {
+async fn run_delete(
+    target: &str,
+    snapshot: &str,
+    opts: &StoreOpts,
+    event: &mut Event,
+) -> anyhow::Result<()> {
     let store = open_store(target, opts, false)?;
+    event.set(Field::SnapshotTarget, store.display());
     let stats = kmsfs_snapshot::delete(&store, snapshot).await?;
     if opts.json {
         return print_json(&serde_json::to_value(&stats).context("cannot encode JSON")?);
     }
-    println!(
+    crate::info_println!(
         "deleted {snapshot}: {} objects removed, {} kept for other snapshots",
-        stats.objects_deleted, stats.objects_kept
+        stats.objects_deleted,
+        stats.objects_kept
     );
     Ok(())
 }
 
 /// A bar on a terminal; plain lines on stderr otherwise (none with
-/// `--json`, whose stdout is for machines but whose stderr may be a log).
+/// `--json`, whose stdout is for machines but whose stderr may be a log);
+/// nothing with `--quiet`.
 fn progress(json: bool) -> Arc<dyn Progress> {
-    if std::io::stderr().is_terminal() {
+    if crate::output::quiet() {
+        Arc::new(NoProgress)
+    } else if std::io::stderr().is_terminal() {
         Arc::new(Bar::default())
     } else if json {
         Arc::new(NoProgress)

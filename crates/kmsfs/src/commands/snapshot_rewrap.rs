@@ -20,6 +20,7 @@ use kmsfs_core::keys::FsKeys;
 use kmsfs_snapshot::Store;
 use serde_json::json;
 
+use crate::audit::{Event, Field, Op};
 use crate::commands::rewrap::{rewrap_slots, RewrappedSlots, SlotOutcome, SlotReport};
 use crate::commands::snapshot::{open_store, StoreOpts};
 use crate::commands::{kms_access, print_json, uuid_string};
@@ -75,7 +76,11 @@ pub async fn run_snapshot_rewrap(
     let mut json_out = Vec::new();
     for id in &ids {
         let shown = format!("{} {id}", store.display());
-        match rewrap_snapshot(&access, &store, id, req.new_key, req.slot).await {
+        let mut event = Event::new(Op::SnapshotRewrap);
+        event
+            .set(Field::SnapshotTarget, store.display())
+            .set(Field::SnapshotId, id.clone());
+        match rewrap_snapshot(&access, &store, id, req.new_key, req.slot, &mut event).await {
             Ok(reports) => {
                 let failed = reports
                     .iter()
@@ -86,15 +91,21 @@ pub async fn run_snapshot_rewrap(
                 if failed || !reached {
                     failures += 1;
                 }
-                let slots: Vec<_> = reports
-                    .iter()
-                    .map(|r| json!({"index": r.index, "label": r.label, "result": r.line()}))
-                    .collect();
-                json_out.push(json!({"snapshot": id, "ok": !failed && reached, "slots": slots}));
+                for r in &reports {
+                    r.audit(&event, Op::SnapshotRewrap);
+                }
+                let slots: Vec<_> = reports.iter().map(SlotReport::to_json).collect();
+                json_out.push(json!({
+                    "snapshot": id,
+                    "fs_uuid": event.get(Field::FsUuid),
+                    "ok": !failed && reached,
+                    "slots": slots,
+                }));
                 lines.extend(reports.iter().map(|r| format!("{shown}: {}", r.line())));
             }
             Err(e) => {
                 failures += 1;
+                event.fail(&e);
                 json_out.push(json!({"snapshot": id, "ok": false, "error": format!("{e:#}")}));
                 lines.push(format!("{shown}: FAILED: {e:#}"));
             }
@@ -102,7 +113,8 @@ pub async fn run_snapshot_rewrap(
     }
     if opts.json {
         print_json(&json!(json_out))?;
-    } else {
+    } else if failures > 0 || !crate::output::quiet() {
+        // Under --quiet the lines are shown only when something failed.
         for l in &lines {
             println!("{l}");
         }
@@ -127,6 +139,7 @@ pub async fn rewrap_snapshot(
     id: &str,
     new_key: Option<&str>,
     only: Option<&str>,
+    event: &mut Event,
 ) -> anyhow::Result<Vec<SlotReport>> {
     use base64::Engine as _;
     let what = PathBuf::from(format!("{} snapshot {id}", store.display()));
@@ -144,6 +157,7 @@ pub async fn rewrap_snapshot(
         slot: opened,
     } = unlock(access, &what, hdr).await?;
     let fs_uuid = uuid_string(&header.uuid);
+    event.set(Field::FsUuid, fs_uuid.clone());
     if !fs_uuid.eq_ignore_ascii_case(&manifest.head.fs_uuid) {
         anyhow::bail!(
             "{}: the manifest names filesystem {} but carries the header of {fs_uuid}",

@@ -129,7 +129,7 @@ pub(super) fn run_set(config_path: &Path, a: &SetArgs) -> anyhow::Result<()> {
                     cfg.addresses.join(", ")
                 )
             })?;
-        eprintln!(
+        crate::info_eprintln!(
             "verified: KMIP key '{}' (Unique Identifier {}) wraps and unwraps at {} (KMIP {}, {})",
             cfg.key_name,
             status.key.uid,
@@ -144,8 +144,7 @@ pub(super) fn run_set(config_path: &Path, a: &SetArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create directory {}", dir.display()))?;
     }
     cfg.save(config_path)?;
-    println!("KMS configuration saved to {}", config_path.display());
-    Ok(())
+    super::report_saved(config_path, &cfg, a)
 }
 
 /// `kms show` of a KMIP configuration (paths only; no key material).

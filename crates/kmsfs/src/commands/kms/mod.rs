@@ -119,6 +119,9 @@ pub struct SetArgs {
     /// new configuration.
     #[arg(long)]
     pub force: bool,
+    /// Print JSON (what was saved where) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `kmsfs kms show`.
@@ -135,6 +138,9 @@ pub struct UnsetArgs {
     /// Remove the configuration even though filesystems are registered.
     #[arg(long)]
     pub force: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `kmsfs kms check`.
@@ -283,7 +289,7 @@ fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
                     cfg.addresses.join(", ")
                 )
             })?;
-        eprintln!(
+        crate::info_eprintln!(
             "verified: key '{}' (latest version {}{}) wraps and unwraps at {}",
             info.name,
             info.latest_version,
@@ -300,7 +306,7 @@ fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
     }
     if let Some(src) = &ca_source {
         let saved = ca_file::save_ca_copy(config_path, src)?;
-        eprintln!(
+        crate::info_eprintln!(
             "saved the CA certificate {} as {} (the configuration names the copy)",
             src.display(),
             saved.display()
@@ -309,11 +315,27 @@ fn run_set(config_path: &Path, a: SetArgs) -> anyhow::Result<()> {
     }
     cfg.save(config_path)?;
     if matches!(cfg.auth, AuthConfig::Token { token_file: None }) {
-        eprintln!(
+        crate::info_eprintln!(
             "note: no --token-file: the token will be read from VAULT_TOKEN / BAO_TOKEN at run time"
         );
     }
-    println!("KMS configuration saved to {}", config_path.display());
+    report_saved(config_path, &cfg, &a)
+}
+
+/// What `kms set` prints once the configuration is saved: one line, or
+/// with `--json` the file, the KMS type, addresses and key, and whether
+/// the KMS was tested (no secret: the configuration holds only paths).
+pub(super) fn report_saved(config_path: &Path, cfg: &KmsConfig, a: &SetArgs) -> anyhow::Result<()> {
+    if a.json {
+        return print_json(&json!({
+            "saved": absolute(config_path)?,
+            "type": cfg.kind.as_str(),
+            "addresses": cfg.addresses,
+            "key": cfg.key_name,
+            "tested": !a.skip_kms_test,
+        }));
+    }
+    crate::info_println!("KMS configuration saved to {}", config_path.display());
     Ok(())
 }
 
@@ -403,7 +425,10 @@ fn run_unset(config_path: &Path, a: UnsetArgs) -> anyhow::Result<()> {
     }
     std::fs::remove_file(config_path)
         .with_context(|| format!("cannot remove {}", config_path.display()))?;
-    println!("removed {}", config_path.display());
+    if a.json {
+        return print_json(&json!({"removed": absolute(config_path)?}));
+    }
+    crate::info_println!("removed {}", config_path.display());
     Ok(())
 }
 

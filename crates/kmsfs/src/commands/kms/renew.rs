@@ -99,7 +99,7 @@ fn report(as_json: bool, text: &str, value: serde_json::Value) -> anyhow::Result
     if as_json {
         print_json(&value)
     } else {
-        println!("{text}");
+        crate::info_println!("{text}");
         Ok(())
     }
 }

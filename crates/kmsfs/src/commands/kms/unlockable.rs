@@ -123,7 +123,9 @@ pub(super) fn guard_registered(
         for e in &reg.filesystems {
             match rt.block_on(try_unlock(&access, &e.path)) {
                 Outcome::Locked { why, .. } => locked.push((e.path.clone(), why)),
-                Outcome::Unreadable(why) => eprintln!("note: not checked: {why}"),
+                Outcome::Unreadable(why) => {
+                    crate::info_eprintln!("note: not checked: {why}")
+                }
                 Outcome::Opens(_) => {}
             }
         }
