@@ -384,7 +384,7 @@ fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
 /// the inherited descriptors, a dying process's files not yet put), and
 /// an operator's `umount` right after their program ends must not fail
 /// for that. Files that stay open still fail, after this long.
-const BUSY_GRACE: Duration = Duration::from_secs(3);
+pub(crate) const BUSY_GRACE: Duration = Duration::from_secs(3);
 
 /// Runs `kmsfs umount`. A failure is recorded as an audit event here;
 /// success by the daemon, which sees every unmount (umount(8) and

@@ -99,9 +99,9 @@ pub fn run(mountpoint: &Path, opts: &ParsedOptions) -> anyhow::Result<()> {
     }];
     flags.extend(opts.kernel.iter().cloned());
     // Read-only is refused (EBUSY) while a file is open for writing; one
-    // that was just closed can hold the mount a moment longer (its last
-    // reference is dropped after close returns), as with `kmsfs umount`.
-    let deadline = Instant::now() + Duration::from_secs(3);
+    // that was just closed can hold the mount a moment longer, so wait as
+    // `kmsfs umount` does.
+    let deadline = Instant::now() + crate::mount::BUSY_GRACE;
     loop {
         match kmsfs_fuse::kernel_mount::remount(&mp, &flags) {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
