@@ -875,3 +875,82 @@ async fn an_incremental_snapshot_reads_only_the_changed_files() {
         "{tty}"
     );
 }
+
+/// A restore fetches ahead across files: a tree of many small files, runs
+/// of empty files longer than the files it keeps open, read-only files,
+/// hard links between small files and a file of several chunks among them
+/// comes back with every backing file byte for byte in its place, with its
+/// mode and mtime, and mounts as the tree that was snapshotted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tree_of_many_small_files_restores_byte_for_byte() {
+    let env = CliEnv::new().await;
+    let k = &env.kmsfs;
+    let (cipher, plain) = env.create("small").await;
+    let _g = CliMountGuard(plain.clone());
+    env.mount(&cipher, &plain, &[]).await.ok();
+    let mut rng = Rng::new(17);
+    for d in 0..3 {
+        let dir = plain.join(format!("d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        // 150 empty files in a row: more than a restore keeps open.
+        for i in 0..150 {
+            fs::write(dir.join(format!("e{i:03}")), b"").unwrap();
+        }
+        for i in 0..60 {
+            let len = 1 + (i * 1_237) % 70_000;
+            let p = dir.join(format!("s{i:03}"));
+            fs::write(&p, rng.bytes(len)).unwrap();
+            if i % 7 == 0 {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o444)).unwrap();
+            }
+            if i % 11 == 0 {
+                fs::hard_link(&p, dir.join(format!("h{i:03}"))).unwrap();
+            }
+        }
+        fs::write(dir.join("m-big"), rng.bytes(3 * MIB + 5)).unwrap();
+    }
+    let state = at_rest(&env, &cipher, &plain).await;
+    let backing = describe(&cipher);
+    let target = format!("file://{}", env.path("store").display());
+    let id = k
+        .run_async(&["snapshot", "create", s(&cipher), &target, "--json"])
+        .await
+        .ok()
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let restored = env.dir.path().join("r-cipher");
+    let stats = k
+        .run_async(&["snapshot", "restore", &target, &id, s(&restored), "--json"])
+        .await
+        .ok()
+        .json();
+    // The header is written anew (last, durably): same bytes, a new mtime.
+    let strip = |mut t: BTreeMap<String, String>| {
+        if let Some(h) = t.get_mut("kmsfs.header") {
+            *h = h
+                .split(' ')
+                .filter(|w| !w.starts_with("mtime="))
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+        t
+    };
+    let (backing, got) = (strip(backing), strip(describe(&restored)));
+    let diff: Vec<String> = backing
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: {v} -> {:?}", got.get(k)))
+        .chain(
+            got.keys()
+                .filter(|k| !backing.contains_key(*k))
+                .map(|k| format!("{k}: only in the restore")),
+        )
+        .collect();
+    assert!(diff.is_empty(), "{stats}\n{}", diff.join("\n"));
+    assert_eq!(
+        restore_and_describe(k, &target, &id, env.dir.path(), "again").await,
+        state
+    );
+}

@@ -4,12 +4,15 @@
 //! manifest before a byte of it is written. Entries are created in manifest
 //! order (parents first); directories get their recorded mode, owner and
 //! times last, children before parents, so a read-only directory can still
-//! be filled. Each directory and regular file gets its `user.kmsfs.*`
-//! extended attributes (encrypted attributes and ACLs) as soon as it is
-//! made, before its mode and times. `kmsfs.header` is written after
+//! be filled. Regular files' chunks are fetched ahead across files, up to
+//! `concurrency` at a time, and written in manifest order; a file gets its
+//! length, its `user.kmsfs.*` extended attributes (encrypted attributes
+//! and ACLs), then its mode and times once its last chunk is written, a
+//! directory its extended attributes as soon as it is made. `kmsfs.header` is written after
 //! everything else is on disk: an interrupted restore leaves a directory
 //! that is not a filesystem, never one that mounts with files missing.
 
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -17,7 +20,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::TryStreamExt as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -152,6 +155,7 @@ pub async fn restore(
     };
     // Directories' attributes are applied at the end, deepest first.
     let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
+    let mut pending = WriteQueue::new(concurrency, is_root);
     let mut first = true;
     for entry in manifest.entries().map_err(bad)? {
         let entry = entry.map_err(bad)?;
@@ -191,16 +195,22 @@ pub async fn restore(
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(io)?;
-                stats.objects_fetched +=
-                    fetch_file(&store, &entry, &f, chunk_size, concurrency, &*progress).await?;
-                f.set_len(entry.size).map_err(io)?;
+                let jobs = chunk_jobs(&store, &entry, chunk_size)?;
                 stats.files += 1;
                 stats.bytes += entry.size;
-                drop(f);
-                // Before the mode: a read-only file takes no attribute
-                // from a restore that is not root.
-                set_xattrs(&path, &xattrs)?;
-                apply_attrs(&path, &entry, is_root)?;
+                stats.objects_fetched += jobs.len() as u64;
+                pending
+                    .push(
+                        Pending {
+                            path,
+                            entry,
+                            xattrs,
+                            file: f,
+                        },
+                        jobs,
+                        &*progress,
+                    )
+                    .await?;
             }
             Kind::Hardlink => {
                 let to = entry.link.as_deref().and_then(checked_rel).ok_or_else(|| {
@@ -236,6 +246,7 @@ pub async fn restore(
     if first {
         return Err(bad("the manifest has no entries".into()));
     }
+    pending.finish(&*progress).await?;
     // Everything else is on disk before the header makes it a filesystem.
     sync_fs(newdir)?;
     write_durable(
@@ -304,17 +315,142 @@ fn set_xattrs(path: &Path, xattrs: &[crate::xattrs::Xattr]) -> Result<(), Snapsh
     }
 }
 
-/// Fetches, verifies and writes the chunks of one file; returns how many
-/// objects it fetched. Up to `concurrency` GETs are in flight; they are
-/// written in order.
-async fn fetch_file(
+/// A regular file whose chunks are on their way.
+struct Pending {
+    path: PathBuf,
+    entry: Entry,
+    xattrs: Vec<crate::xattrs::Xattr>,
+    file: File,
+}
+
+/// A chunk's offset in its file and its verified bytes.
+type Chunk = (u64, bytes::Bytes);
+
+/// The fetch of one chunk.
+type ChunkFetch =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Chunk, SnapshotError>> + Send>>;
+
+/// One step of the restore's write queue: a chunk of the oldest pending
+/// file (its offset and verified bytes), or that file's end.
+enum Step {
+    Chunk(tokio::task::JoinHandle<Result<Chunk, SnapshotError>>),
+    End,
+}
+
+/// Regular files being restored: their chunks are fetched ahead, across
+/// files (small files would otherwise have one GET in flight at a time),
+/// and written in manifest order.
+struct WriteQueue {
+    steps: VecDeque<Step>,
+    files: VecDeque<Pending>,
+    /// Chunk fetches queued (spawned, not yet written).
+    in_flight: usize,
+    concurrency: usize,
+    is_root: bool,
+}
+
+/// How many files a restore keeps open while their chunks arrive (a run
+/// of empty files queues no fetch, only its end).
+const MAX_OPEN_FILES: usize = 64;
+
+impl WriteQueue {
+    fn new(concurrency: usize, is_root: bool) -> Self {
+        WriteQueue {
+            steps: VecDeque::new(),
+            files: VecDeque::new(),
+            in_flight: 0,
+            concurrency: concurrency.max(1),
+            is_root,
+        }
+    }
+
+    /// Queues file `p` and the fetches of its chunks, first writing out
+    /// what is needed to keep at most `concurrency` fetches and
+    /// [`MAX_OPEN_FILES`] files in hand.
+    async fn push(
+        &mut self,
+        p: Pending,
+        jobs: Vec<ChunkFetch>,
+        progress: &dyn Progress,
+    ) -> Result<(), SnapshotError> {
+        while self.files.len() >= MAX_OPEN_FILES {
+            self.write_next(progress).await?;
+        }
+        self.files.push_back(p);
+        for job in jobs {
+            while self.in_flight >= self.concurrency {
+                self.write_next(progress).await?;
+            }
+            // Spawned, so a fetch progresses while entries are created.
+            self.steps.push_back(Step::Chunk(tokio::spawn(job)));
+            self.in_flight += 1;
+        }
+        self.steps.push_back(Step::End);
+        Ok(())
+    }
+
+    /// Writes out everything queued.
+    async fn finish(&mut self, progress: &dyn Progress) -> Result<(), SnapshotError> {
+        while !self.steps.is_empty() {
+            self.write_next(progress).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the oldest step off the queue and carries it out: writes a
+    /// chunk into the oldest pending file, or finishes that file (length,
+    /// extended attributes, then owner, mode and times).
+    async fn write_next(&mut self, progress: &dyn Progress) -> Result<(), SnapshotError> {
+        let (Some(step), Some(p)) = (self.steps.pop_front(), self.files.front()) else {
+            return Ok(());
+        };
+        match step {
+            Step::Chunk(job) => {
+                self.in_flight -= 1;
+                let (offset, bytes) = job.await.map_err(|e| SnapshotError::Backing {
+                    path: p.path.clone(),
+                    detail: format!("fetching a chunk failed: {e}"),
+                })??;
+                write_sparse(&p.file, &bytes, offset).map_err(|e| SnapshotError::io(&p.path, e))?;
+                progress.inc(bytes.len() as u64);
+            }
+            Step::End => {
+                let Some(p) = self.files.pop_front() else {
+                    return Ok(());
+                };
+                p.file
+                    .set_len(p.entry.size)
+                    .map_err(|e| SnapshotError::io(&p.path, e))?;
+                drop(p.file);
+                // Before the mode: a read-only file takes no attribute
+                // from a restore that is not root.
+                set_xattrs(&p.path, &p.xattrs)?;
+                apply_attrs(&p.path, &p.entry, self.is_root)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WriteQueue {
+    /// A restore that fails stops the fetches still queued.
+    fn drop(&mut self) {
+        for s in &self.steps {
+            if let Step::Chunk(job) = s {
+                job.abort();
+            }
+        }
+    }
+}
+
+/// The fetches of one file's stored chunks (holes have none), each
+/// checked against its SHA-256 and length before it is handed back with
+/// its offset.
+fn chunk_jobs(
     store: &Arc<Store>,
     entry: &Entry,
-    f: &File,
     chunk_size: u64,
-    concurrency: usize,
-    progress: &dyn Progress,
-) -> Result<u64, SnapshotError> {
+) -> Result<Vec<ChunkFetch>, SnapshotError> {
     let n_chunks = entry.size.div_ceil(chunk_size);
     if entry.chunks.len() as u64 != n_chunks {
         return Err(SnapshotError::Manifest {
@@ -328,7 +464,7 @@ async fn fetch_file(
             ),
         });
     }
-    let jobs = entry
+    Ok(entry
         .chunks
         .iter()
         .enumerate()
@@ -339,7 +475,7 @@ async fn fetch_file(
             let file = entry.path.clone();
             let offset = i as u64 * chunk_size;
             let want = chunk_size.min(entry.size - offset);
-            async move {
+            Box::pin(async move {
                 let tampered = |object: String| SnapshotError::TamperedObject {
                     target: store.display.clone(),
                     object,
@@ -369,17 +505,9 @@ async fn fetch_file(
                     return Err(tampered(rel));
                 }
                 Ok((offset, bytes))
-            }
-        });
-    let mut s = futures::stream::iter(jobs).buffered(concurrency.max(1));
-    let mut fetched = 0;
-    while let Some(r) = s.next().await {
-        let (offset, bytes) = r?;
-        write_sparse(f, &bytes, offset).map_err(|e| SnapshotError::io(&entry.path, e))?;
-        progress.inc(bytes.len() as u64);
-        fetched += 1;
-    }
-    Ok(fetched)
+            }) as ChunkFetch
+        })
+        .collect())
 }
 
 /// Writes the non-zero 4 KiB pages of `bytes` at `offset`: all-zero pages
