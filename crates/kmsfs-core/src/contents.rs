@@ -801,6 +801,8 @@ impl FileContents {
                 bytes,
             });
         }
+        // Back to the key's spare contexts before the key may be replaced.
+        drop(crypter);
 
         // Reserve: the final length first (EFBIG, EDQUOT, ENOSPC), then
         // every write that goes past the old end, before any old byte moves.

@@ -16,6 +16,7 @@ use aes::cipher::{generic_array::GenericArray, BlockDecrypt, BlockEncrypt, KeyIn
 use aes::{Aes256, Block};
 use openssl::cipher::Cipher;
 use openssl::cipher_ctx::CipherCtx;
+use std::sync::Mutex;
 
 /// Blocks processed per batch: large enough to keep the pipeline full,
 /// small enough that the tweak array stays in L1.
@@ -34,11 +35,18 @@ pub struct Xts256 {
 /// libcrypto contexts keyed once, one per direction. A context carries the
 /// state of one operation and is not shared between threads, so each run
 /// of units works on a copy ([`Xts256::crypter`]); copying skips the key
-/// expansion. libcrypto wipes a context's key schedule when it frees it.
+/// expansion but still allocates, which costs more than a 4 KiB page's
+/// decryption, so copies are kept for reuse in a small pool that dies with
+/// the key. libcrypto wipes a context's key schedule when it frees it.
 struct EvpTemplates {
     enc: CipherCtx,
     dec: CipherCtx,
+    spare_enc: Mutex<Vec<CipherCtx>>,
+    spare_dec: Mutex<Vec<CipherCtx>>,
 }
+
+/// Spare contexts kept per direction: one per FUSE worker thread and some.
+const SPARE_CONTEXTS: usize = 8;
 
 impl EvpTemplates {
     fn new(key: &[u8; 64]) -> Result<Self, XtsError> {
@@ -49,7 +57,16 @@ impl EvpTemplates {
         let mut dec = CipherCtx::new().map_err(backend)?;
         dec.decrypt_init(Some(cipher), Some(key), None)
             .map_err(backend)?;
-        Ok(EvpTemplates { enc, dec })
+        Ok(EvpTemplates::from_pair(enc, dec))
+    }
+
+    fn from_pair(enc: CipherCtx, dec: CipherCtx) -> Self {
+        EvpTemplates {
+            enc,
+            dec,
+            spare_enc: Mutex::new(Vec::new()),
+            spare_dec: Mutex::new(Vec::new()),
+        }
     }
 
     fn duplicate(&self) -> Result<Self, XtsError> {
@@ -57,7 +74,19 @@ impl EvpTemplates {
         enc.copy(&self.enc).map_err(backend)?;
         let mut dec = CipherCtx::new().map_err(backend)?;
         dec.copy(&self.dec).map_err(backend)?;
-        Ok(EvpTemplates { enc, dec })
+        Ok(EvpTemplates::from_pair(enc, dec))
+    }
+
+    fn spares(&self, encrypt: bool) -> std::sync::MutexGuard<'_, Vec<CipherCtx>> {
+        // A poisoned pool holds contexts that are still whole (a context
+        // is only pushed or popped under the lock).
+        if encrypt {
+            &self.spare_enc
+        } else {
+            &self.spare_dec
+        }
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -125,6 +154,9 @@ impl Xts256 {
     }
 
     fn evp_context(&self, encrypt: bool) -> Result<CipherCtx, XtsError> {
+        if let Some(ctx) = self.evp.spares(encrypt).pop() {
+            return Ok(ctx);
+        }
         let mut ctx = CipherCtx::new().map_err(backend)?;
         ctx.copy(if encrypt {
             &self.evp.enc
@@ -285,6 +317,29 @@ pub struct UnitCrypter<'a> {
 /// IV in a libcrypto context.
 const LIBCRYPTO_MIN: usize = 256;
 
+/// The most filler put before a run that starts inside its unit
+/// ([`UnitCrypter::blocks`]): beyond a few blocks the filler's own
+/// encryption costs more than libcrypto saves.
+const MAX_FILLER: usize = 64;
+
+/// The shortest run worth the filler and the copies.
+const FILLED_MIN: usize = 1024;
+
+/// The longest filled run: one data unit as the driver stores them (a
+/// merged final unit is stolen and never takes this path).
+const FILLED_MAX: usize = 4096;
+
+impl Drop for UnitCrypter<'_> {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.ctx.take() {
+            let mut spares = self.xts.evp.spares(self.encrypt);
+            if spares.len() < SPARE_CONTEXTS {
+                spares.push(ctx);
+            }
+        }
+    }
+}
+
 impl UnitCrypter<'_> {
     /// Processes one whole data unit in place under unit number `unit`.
     pub fn unit(&mut self, buf: &mut [u8], unit: u128) -> Result<(), XtsError> {
@@ -324,12 +379,38 @@ impl UnitCrypter<'_> {
     /// from the unit's first block is a unit of its own to XTS (no
     /// stealing: whole blocks), so libcrypto takes it; later starts need
     /// the tweak advanced, which only the batched code here can do.
+    ///
+    /// A run that starts a few blocks into its unit (a 4 KiB page starts
+    /// two blocks into its unit: `docs/format.md`) still goes through
+    /// libcrypto: XTS blocks depend only on their own tweak, so the run is
+    /// put behind as many filler blocks, processed from block 0, and the
+    /// filler's output dropped. That costs two copies of the run, less
+    /// than the batched code's extra time per block.
     pub fn blocks(&mut self, buf: &mut [u8], unit: u128, first_block: u64) -> Result<(), XtsError> {
-        if first_block == 0 && !buf.is_empty() && buf.len() % 16 == 0 {
+        if buf.is_empty() || buf.len() % 16 != 0 {
+            return self
+                .xts
+                .process_blocks(buf, unit, first_block, self.encrypt);
+        }
+        if first_block == 0 {
             return self.unit(buf, unit);
         }
-        self.xts
-            .process_blocks(buf, unit, first_block, self.encrypt)
+        let pad = usize::try_from(first_block)
+            .ok()
+            .and_then(|b| b.checked_mul(16))
+            .filter(|&pad| pad <= MAX_FILLER && buf.len() >= FILLED_MIN)
+            .filter(|&pad| pad + buf.len() <= FILLED_MAX);
+        let Some(pad) = pad else {
+            return self
+                .xts
+                .process_blocks(buf, unit, first_block, self.encrypt);
+        };
+        let mut run = [0u8; FILLED_MAX];
+        let run = &mut run[..pad + buf.len()];
+        run[pad..].copy_from_slice(buf);
+        self.unit(run, unit)?;
+        buf.copy_from_slice(&run[pad..]);
+        Ok(())
     }
 }
 
