@@ -1,5 +1,6 @@
 //! Failed size changes on a real ext4 filesystem through a kmsfs mount: the
-//! error comes back and the file is byte-identical after a remount.
+//! error comes back and the file is byte-identical after a remount; and
+//! ext4's reuse of inode numbers, which tmpfs never shows.
 //!
 //! Each test makes a small ext4 image, loop-mounts it (unmounted by a guard,
 //! after the kmsfs mount above it), and puts the backing directory there.
@@ -155,4 +156,78 @@ impl WriteAt for fs::File {
         std::os::unix::fs::FileExt::write_all_at(self, buf, *at as u64)?;
         self.sync_all()
     }
+}
+
+/// The regular files directly in `cipher` (no `kmsfs.*` metadata).
+fn backing_files(cipher: &Path) -> Vec<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::read_dir(cipher)
+        .expect("read_dir")
+        .map(|e| e.expect("entry"))
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("kmsfs."))
+        .filter(|e| e.file_type().expect("type").is_file())
+        .map(|e| (e.path(), e.metadata().expect("stat").ino()))
+        .collect()
+}
+
+/// ext4 gives a deleted file's inode number to the next new file at once.
+/// A number the kernel still holds for the old file (here: deleted behind
+/// the mount's back while its dentry is cached) must not be handed out for
+/// the new one: the new file reads its own bytes and takes new times, where
+/// it got the old file's node and `ESTALE` ("Stale file handle", seen from
+/// `tar` untarring into a mount where a tree had just been removed).
+#[test]
+fn a_reused_backing_inode_number_is_a_new_file() {
+    use std::os::unix::fs::MetadataExt;
+    let ext4 = Ext4::new("32M");
+    let (cipher, plain) = dirs(&ext4);
+    let master = MasterKey::generate().expect("key");
+    let mut reused = 0;
+    for round in 0..5u8 {
+        let old = plain.join(format!("old{round}"));
+        let m = MountGuard::mount(&cipher, &plain, &master).expect("mount");
+        fs::write(&old, vec![b'o'; 5000]).expect("write old");
+        m.unmount().expect("unmount");
+        // A fresh mount that has only looked the old file up holds no
+        // descriptor of it, so deleting it frees its inode number.
+        let m = MountGuard::mount(&cipher, &plain, &master).expect("mount");
+        let old_ino = fs::metadata(&old).expect("stat old").ino();
+        let files = backing_files(&cipher);
+        assert_eq!(files.len(), 1, "{files:?}");
+        let (backing, backing_ino) = files[0].clone();
+        fs::remove_file(&backing).expect("delete behind the mount");
+        let new = plain.join(format!("new{round}"));
+        let want = vec![b'n' + round; 3000];
+        fs::write(&new, &want).expect("write new");
+        let files = backing_files(&cipher);
+        assert_eq!(files.len(), 1, "{files:?}");
+        if files[0].1 == backing_ino {
+            reused += 1;
+        }
+        assert_eq!(fs::read(&new).expect("read new"), want, "round {round}");
+        let st = fs::metadata(&new).expect("stat new");
+        assert_eq!(st.len(), 3000);
+        assert_ne!(
+            st.ino(),
+            old_ino,
+            "round {round}: the new file took the old one's number"
+        );
+        let f = OpenOptions::new().write(true).open(&new).expect("open new");
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        f.set_modified(t).expect("set the new file's mtime");
+        drop(f);
+        assert_eq!(
+            fs::metadata(&new)
+                .expect("stat new")
+                .modified()
+                .expect("mtime"),
+            t
+        );
+        fs::remove_file(&new).expect("remove new");
+        m.unmount().expect("unmount");
+    }
+    assert!(
+        reused > 0,
+        "ext4 never reused an inode number: nothing was tested"
+    );
 }

@@ -141,6 +141,12 @@ impl Node {
 /// the new backing inode to it, so the symlink keeps its inode number as
 /// rename(2) promises; a backing inode that reuses the freed old number
 /// meanwhile gets a FUSE number of its own from the synthetic range.
+///
+/// The same holds for any backing inode number the backing store gives to
+/// a new file while the kernel still knows a deleted file by it (ext4 and
+/// xfs reuse numbers at once): a lookup that finds a node of that number
+/// compares file handles, and a different file is a new node with a
+/// synthetic number.
 pub struct Inodes {
     map: Mutex<HashMap<u64, Arc<Node>>>,
     /// Backing inode number → FUSE number, for the exceptions above.
@@ -265,19 +271,32 @@ impl Inodes {
     ) -> io::Result<(u64, Arc<Node>)> {
         let mut ino = ino;
         let mut aliased = false;
-        let reused = {
-            // Counts change only under the table lock (see `forget`).
-            let map = self.map.lock();
-            match map.get(&ino) {
-                Some(n) if n.backing_ino == backing_ino => {
-                    n.lookups.fetch_add(1, Ordering::Relaxed);
-                    return Ok((ino, n.clone()));
+        let known = self.map.lock().get(&ino).cloned();
+        let reused = match known {
+            Some(n) if n.backing_ino == backing_ino => {
+                // The backing filesystem may have given a deleted file's
+                // inode number to a new file (ext4 and xfs do at once)
+                // before the kernel forgot the old one. Only a node of the
+                // same file may be handed out again; checked without the
+                // table lock, as it costs a syscall.
+                if self.same_file(&n, dir_fd, name)? {
+                    // Counts change only under the table lock (see `forget`).
+                    let map = self.map.lock();
+                    if let Some(m) = map.get(&ino).filter(|m| Arc::ptr_eq(m, &n)) {
+                        m.lookups.fetch_add(1, Ordering::Relaxed);
+                        return Ok((ino, n));
+                    }
+                    // Forgotten (or replaced) meanwhile: look again.
+                    drop(map);
+                    return self.remember(ino, kind, dir_fd, name, backing_ino, link);
+                } else {
+                    true
                 }
-                // A renamed symlink's node keeps this number, but the
-                // backing inode that had it is gone and the number was reused.
-                Some(_) => true,
-                None => false,
             }
+            // A renamed symlink's node keeps this number, but the backing
+            // inode that had it is gone and the number was reused.
+            Some(_) => true,
+            None => false,
         };
         if reused {
             ino = self.synthetic_ino();
@@ -373,6 +392,17 @@ impl Inodes {
         // directory is usually inside it.
         self.fds.lock().put(ino, Arc::new(fd));
         Ok(Anchor::Handle(h))
+    }
+
+    /// Whether `node` stands for the entry `name` in `dir_fd`, which has
+    /// the node's backing inode number: the same file handle (its
+    /// generation tells a new file from a deleted one that had the number),
+    /// or, without handles, a node whose file still has a name.
+    fn same_file(&self, node: &Node, dir_fd: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<bool> {
+        match &node.anchor {
+            Anchor::Handle(h) => Ok(sys::handle_at(dir_fd.as_raw_fd(), name)? == *h),
+            Anchor::Fd(fd) => Ok(sys::fstat(fd.as_raw_fd())?.st_nlink > 0),
+        }
     }
 
     /// A FUSE number from the synthetic range that no node holds.
