@@ -386,6 +386,23 @@ fn umount(mp: &Path, lazy: bool) -> anyhow::Result<()> {
 /// for that. Files that stay open still fail, after this long.
 pub(crate) const BUSY_GRACE: Duration = Duration::from_secs(3);
 
+/// Runs `op` again while it fails with an error `busy` recognises, for up
+/// to [`BUSY_GRACE`]; returns its last result (still busy after that).
+pub(crate) fn while_busy<T, E>(
+    mut op: impl FnMut() -> Result<T, E>,
+    busy: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = Instant::now() + BUSY_GRACE;
+    loop {
+        match op() {
+            Err(e) if busy(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs `kmsfs umount`. A failure is recorded as an audit event here;
 /// success by the daemon, which sees every unmount (umount(8) and
 /// `fusermount3 -u` too).
@@ -405,21 +422,13 @@ fn umount_now(args: &UmountArgs) -> anyhow::Result<()> {
         .mountpoint
         .canonicalize()
         .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
-    let deadline = Instant::now() + BUSY_GRACE;
-    loop {
-        match umount(&mp, false) {
-            Err(e) if e.is::<Busy>() && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) if e.is::<Busy>() => {
-                bail!(
-                    "{e}: close them (`fuser -vm {}` lists the processes that hold \
-                     them) and run `kmsfs umount` again",
-                    mp.display()
-                )
-            }
-            r => return r,
-        }
+    match while_busy(|| umount(&mp, false), |e| e.is::<Busy>()) {
+        Err(e) if e.is::<Busy>() => bail!(
+            "{e}: close them (`fuser -vm {}` lists the processes that hold \
+             them) and run `kmsfs umount` again",
+            mp.display()
+        ),
+        r => r,
     }
 }
 

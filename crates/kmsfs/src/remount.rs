@@ -11,7 +11,6 @@ use crate::mount_options::ParsedOptions;
 use anyhow::{bail, Context};
 use kmsfs_fuse::MountOption;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 /// Options the kernel shows for every FUSE mount, or sets by default, that
 /// mount(8) passes back on a remount and that cannot change: dropped.
@@ -101,22 +100,15 @@ pub fn run(mountpoint: &Path, opts: &ParsedOptions) -> anyhow::Result<()> {
     // Read-only is refused (EBUSY) while a file is open for writing; one
     // that was just closed can hold the mount a moment longer, so wait as
     // `kmsfs umount` does.
-    let deadline = Instant::now() + crate::mount::BUSY_GRACE;
-    loop {
-        match kmsfs_fuse::kernel_mount::remount(&mp, &flags) {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                bail!(
-                    "remounting {} read-only: files are open for writing there (`fuser -vm {}` \
-                     lists the processes); close them and remount again",
-                    mp.display(),
-                    mp.display()
-                )
-            }
-            r => return r.with_context(|| format!("remounting {}", mp.display())),
-        }
+    let busy = |e: &std::io::Error| e.raw_os_error() == Some(libc::EBUSY);
+    match crate::mount::while_busy(|| kmsfs_fuse::kernel_mount::remount(&mp, &flags), busy) {
+        Err(e) if busy(&e) => bail!(
+            "remounting {} read-only: files are open for writing there (`fuser -vm {}` \
+             lists the processes); close them and remount again",
+            mp.display(),
+            mp.display()
+        ),
+        r => r.with_context(|| format!("remounting {}", mp.display())),
     }
 }
 
