@@ -232,25 +232,25 @@ impl CliEnv {
         let dir = tempfile::tempdir().expect("tempdir");
         let token_file = write_token_file(dir.path(), "token", &token).expect("token file");
         let kmsfs = Kmsfs::new(dir.path().join("etc/kms.toml"));
-        let addr = server.addr().to_string();
-        kmsfs
-            .run_async(&[
-                "kms",
-                "set",
-                "vault",
-                &addr,
-                "kmsfs",
-                "--token-file",
-                token_file.to_str().expect("utf-8"),
-            ])
-            .await
-            .ok();
-        CliEnv {
+        let env = CliEnv {
             server: Some(server),
             dir,
             kmsfs,
             token_file,
-        }
+        };
+        env.kms_set(&[], &[]).await.ok();
+        env
+    }
+
+    /// `kmsfs GLOBAL... kms set vault ADDR kmsfs --token-file TOKEN EXTRA...`
+    /// with this environment's server and token.
+    pub async fn kms_set(&self, global: &[&str], extra: &[&str]) -> Run {
+        let addr = self.server.as_ref().expect("server").addr().to_string();
+        let token = self.token_file.to_str().expect("utf-8");
+        let mut args = global.to_vec();
+        args.extend(["kms", "set", "vault", &addr, "kmsfs", "--token-file", token]);
+        args.extend_from_slice(extra);
+        self.kmsfs.run_async(&args).await
     }
 
     /// A path inside the environment's directory.

@@ -611,19 +611,7 @@ fn assert_silent(run: &Run) {
 async fn quiet_prints_nothing_on_success_and_still_the_errors() {
     let env = CliEnv::new().await;
     let k = &env.kmsfs;
-    let addr = env.server.as_ref().expect("server").addr().to_string();
-    let run = k
-        .run_async(&[
-            "--quiet",
-            "kms",
-            "set",
-            "vault",
-            &addr,
-            "kmsfs",
-            "--token-file",
-            s(&env.token_file),
-        ])
-        .await;
+    let run = env.kms_set(&["--quiet"], &[]).await;
     assert_silent(&run);
     let cipher = env.path("q-cipher");
     assert_silent(&k.run_async(&["create", s(&cipher), "--quiet"]).await);
@@ -703,20 +691,7 @@ async fn json_on_create_rewrap_slot_and_kms_set_and_unset() {
     let env = CliEnv::new().await;
     let k = &env.kmsfs;
     let addr = env.server.as_ref().expect("server").addr().to_string();
-    let v = k
-        .run_async(&[
-            "kms",
-            "set",
-            "vault",
-            &addr,
-            "kmsfs",
-            "--token-file",
-            s(&env.token_file),
-            "--json",
-        ])
-        .await
-        .ok()
-        .json();
+    let v = env.kms_set(&[], &["--json"]).await.ok().json();
     assert_eq!(v["saved"], s(&k.config));
     assert_eq!(v["type"], "vault");
     assert_eq!(v["key"], "kmsfs");
