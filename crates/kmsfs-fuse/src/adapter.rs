@@ -16,8 +16,18 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tracing::debug;
+
+/// `flush` requests received by this process (all mounts), for the test
+/// that shows the kernel stops sending them after the first.
+static FLUSH_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// How many `flush` requests this process has received.
+pub fn flush_requests() -> u64 {
+    FLUSH_REQUESTS.load(Ordering::Relaxed)
+}
 
 /// How long the kernel may cache attributes and entries. Every change goes
 /// through this daemon, which tells the kernel; the backing directory must
@@ -351,8 +361,14 @@ impl Filesystem for KmsFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes reach the backing file before they are acknowledged.
-        reply.ok();
+        // A FLUSH carries nothing here: every WRITE reaches the backing file
+        // before its reply, and POSIX and BSD locks are the kernel's (this
+        // daemon implements neither). ENOSYS makes the kernel stop sending
+        // it (`no_flush`), which saves one synchronous round trip per
+        // close(2). The kernel still writes its cache back first on close
+        // and returns that write's error from close(2).
+        FLUSH_REQUESTS.fetch_add(1, Ordering::Relaxed);
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(

@@ -20,6 +20,7 @@ mod sys;
 pub mod user_mount;
 mod xattrs;
 
+pub use adapter::flush_requests;
 pub use freeze::{DrainTimeout, Frozen, WriteGate};
 pub use fs::KmsFs;
 pub use fuser::MountOption;
