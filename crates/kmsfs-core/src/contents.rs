@@ -757,18 +757,16 @@ impl FileContents {
         }
         let mut crypter = cipher.crypter(true);
         for &(ua, ub) in &merged {
-            let lead = match header {
-                Some(nonce) if ua == 0 => encode_file_header(&nonce).to_vec(),
-                _ => Vec::new(),
-            };
-            let pre = lead.len();
-            let span_end = pre + (ub - ua) as usize;
-            let mut bytes = Vec::with_capacity(span_end);
-            bytes.extend_from_slice(&lead);
             // The span is built front to back so that the new data is
             // copied once and never zero-filled first (filling a buffer the
             // size of the write cost about a twentieth of a sequential
             // write's time in the daemon).
+            let mut bytes = Vec::with_capacity(FILE_HEADER_LEN as usize + (ub - ua) as usize);
+            if let Some(nonce) = header.filter(|_| ua == 0) {
+                bytes.extend_from_slice(&encode_file_header(&nonce));
+            }
+            let pre = bytes.len();
+            let span_end = pre + (ub - ua) as usize;
             match data {
                 Some((off, d)) if off < ub && off + d.len() as u64 > ua => {
                     let dend = off + d.len() as u64;
