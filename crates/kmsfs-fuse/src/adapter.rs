@@ -121,6 +121,13 @@ impl Filesystem for KmsFs {
             self.space.enable();
         }
         self.negotiate_xattrs(config);
+        // The kernel offers io_uring only where the administrator turned it
+        // on (`fuse.enable_uring=1`); otherwise requests stay on /dev/fuse.
+        let uring = self.want_uring
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+        debug!("FUSE over io_uring: {uring}");
         debug!(
             "FUSE init: capabilities {:?}, writeback cache {}, file handles {}",
             config.capabilities(),

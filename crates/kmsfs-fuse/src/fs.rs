@@ -65,6 +65,8 @@ pub struct KmsFs {
     pub(crate) xattr_caps: crate::xattrs::XattrCaps,
     /// Whether to ask the kernel for `FUSE_POSIX_ACL` at `init`.
     pub(crate) want_posix_acl: bool,
+    /// Whether to take FUSE over io_uring at `init` when the kernel offers it.
+    pub(crate) want_uring: bool,
     euid: u32,
     egid: u32,
     /// An open descriptor of the backing root holding an exclusive `flock`
@@ -136,6 +138,7 @@ impl KmsFs {
             },
             xattr_caps: crate::xattrs::XattrCaps::default(),
             want_posix_acl: false,
+            want_uring: false,
             // SAFETY: geteuid/getegid cannot fail.
             euid: unsafe { libc::geteuid() },
             // SAFETY: as above.

@@ -23,6 +23,8 @@ mod xattrs;
 pub use adapter::flush_requests;
 pub use freeze::{DrainTimeout, Frozen, WriteGate};
 pub use fs::KmsFs;
+/// Requests this process answered over FUSE io_uring (all mounts).
+pub use fuser::uring_requests;
 pub use fuser::MountOption;
 pub use inodes::live_nodes;
 pub use xattrs::getxattr_requests;
@@ -56,6 +58,9 @@ pub struct MountSettings {
     /// with `ENOTSUP`, as on a filesystem without ACLs, and listings and
     /// unlinks cost no extra requests (docs/compat.md).
     pub posix_acl: bool,
+    /// Do not use FUSE over io_uring even where the kernel offers it
+    /// (`no_uring`); requests then all travel over /dev/fuse.
+    pub no_uring: bool,
 }
 
 /// A live mount served on background threads.
@@ -221,7 +226,8 @@ pub fn spawn_mount(
         !settings.no_writeback,
         settings.shared_storage,
     )?
-    .with_posix_acl(settings.posix_acl);
+    .with_posix_acl(settings.posix_acl)
+    .with_uring(!settings.no_uring);
     let mut opts = Vec::new();
     if settings.allow_other {
         // The daemon runs as root and checks nothing itself: when other

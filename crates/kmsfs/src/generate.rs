@@ -314,6 +314,10 @@ const MOUNT_OPTIONS: &[(&str, &str)] = &[
         "Turn off (on, the default) the kernel's writeback cache.",
     ),
     (
+        "no_uring, uring",
+        "Do not use (use, the default) FUSE over io_uring where the kernel offers it; it offers it only with the fuse module parameter enable_uring=1.",
+    ),
+    (
         "shared_storage",
         "The backing directory is shared with other shared_storage mounts (other hosts over NFS or CephFS): no writeback cache, no attribute or entry caching.",
     ),

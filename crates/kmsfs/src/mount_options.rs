@@ -22,6 +22,9 @@ pub struct ParsedOptions {
     pub kms_config: Option<PathBuf>,
     /// `no_writeback`: no kernel writeback cache (`writeback` turns it back on).
     pub no_writeback: bool,
+    /// `no_uring`: requests over /dev/fuse even where the kernel offers
+    /// FUSE over io_uring (`uring`, the default, takes it).
+    pub no_uring: bool,
     /// `shared_storage`: the backing directory is shared with other mounts
     /// (other hosts over NFS or CephFS); no caching, no writeback cache.
     pub shared_storage: bool,
@@ -101,6 +104,8 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 ("allow_other", None) => p.allow_other = true,
                 ("no_writeback", None) => p.no_writeback = true,
                 ("writeback", None) => p.no_writeback = false,
+                ("no_uring", None) => p.no_uring = true,
+                ("uring", None) => p.no_uring = false,
                 ("shared_storage", None) => p.shared_storage = true,
                 ("acl", None) => p.acl = Some(true),
                 ("noacl", None) => p.acl = Some(false),
@@ -130,7 +135,7 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 }
                 _ => bail!(
                     "unknown mount option '{opt}' (known: ro, rw, allow_other, nosuid, nodev, \
-                     noexec, noatime, sync, no_writeback, shared_storage, acl, noacl, kms_timeout=SECONDS, kms_config=PATH, \
+                     noexec, noatime, sync, no_writeback, no_uring, shared_storage, acl, noacl, kms_timeout=SECONDS, kms_config=PATH, \
                      kcv=HEX, allow_suid_dev, and mount(8)'s _netdev, nofail, auto, noauto, user, defaults, x-*)"
                 ),
             }
