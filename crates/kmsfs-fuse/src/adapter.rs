@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// `flush` requests received by this process (all mounts), for the test
 /// that shows the kernel stops sending them after the first.
@@ -127,6 +127,13 @@ impl Filesystem for KmsFs {
             && config
                 .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
                 .is_ok();
+        if self.want_uring && !uring {
+            warn!(
+                "-o uring: the kernel does not offer FUSE over io_uring (it does once root \
+                 writes 1 to /sys/module/fuse/parameters/enable_uring, before mounting); \
+                 serving over /dev/fuse"
+            );
+        }
         debug!("FUSE over io_uring: {uring}");
         debug!(
             "FUSE init: capabilities {:?}, writeback cache {}, file handles {}",

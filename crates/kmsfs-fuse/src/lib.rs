@@ -58,9 +58,10 @@ pub struct MountSettings {
     /// with `ENOTSUP`, as on a filesystem without ACLs, and listings and
     /// unlinks cost no extra requests (docs/compat.md).
     pub posix_acl: bool,
-    /// Do not use FUSE over io_uring even where the kernel offers it
-    /// (`no_uring`); requests then all travel over /dev/fuse.
-    pub no_uring: bool,
+    /// Serve requests over FUSE io_uring (per-CPU queues) where the kernel
+    /// offers it (`uring`; the kernel offers it only with the fuse module
+    /// parameter `enable_uring=1`). Off, everything travels over /dev/fuse.
+    pub uring: bool,
 }
 
 /// A live mount served on background threads.
@@ -227,7 +228,7 @@ pub fn spawn_mount(
         settings.shared_storage,
     )?
     .with_posix_acl(settings.posix_acl)
-    .with_uring(!settings.no_uring);
+    .with_uring(settings.uring);
     let mut opts = Vec::new();
     if settings.allow_other {
         // The daemon runs as root and checks nothing itself: when other

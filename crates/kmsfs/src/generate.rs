@@ -314,8 +314,8 @@ const MOUNT_OPTIONS: &[(&str, &str)] = &[
         "Turn off (on, the default) the kernel's writeback cache.",
     ),
     (
-        "no_uring, uring",
-        "Do not use (use, the default) FUSE over io_uring where the kernel offers it; it offers it only with the fuse module parameter enable_uring=1.",
+        "uring, no_uring",
+        "Serve requests over FUSE io_uring (not, the default) where the kernel offers it, which it does only with the fuse module parameter enable_uring=1; otherwise the mount uses /dev/fuse as without it.",
     ),
     (
         "shared_storage",

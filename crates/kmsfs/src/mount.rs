@@ -197,7 +197,7 @@ fn serve(
         extra: opts.kernel.clone(),
         threads: FUSE_THREADS,
         no_writeback: opts.no_writeback,
-        no_uring: opts.no_uring,
+        uring: opts.uring,
         shared_storage: opts.shared_storage,
         posix_acl: opts.posix_acl(),
     };

@@ -22,9 +22,9 @@ pub struct ParsedOptions {
     pub kms_config: Option<PathBuf>,
     /// `no_writeback`: no kernel writeback cache (`writeback` turns it back on).
     pub no_writeback: bool,
-    /// `no_uring`: requests over /dev/fuse even where the kernel offers
-    /// FUSE over io_uring (`uring`, the default, takes it).
-    pub no_uring: bool,
+    /// `uring`: serve requests over FUSE io_uring where the kernel offers
+    /// it (`no_uring`, the default: /dev/fuse only).
+    pub uring: bool,
     /// `shared_storage`: the backing directory is shared with other mounts
     /// (other hosts over NFS or CephFS); no caching, no writeback cache.
     pub shared_storage: bool,
@@ -104,8 +104,8 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 ("allow_other", None) => p.allow_other = true,
                 ("no_writeback", None) => p.no_writeback = true,
                 ("writeback", None) => p.no_writeback = false,
-                ("no_uring", None) => p.no_uring = true,
-                ("uring", None) => p.no_uring = false,
+                ("uring", None) => p.uring = true,
+                ("no_uring", None) => p.uring = false,
                 ("shared_storage", None) => p.shared_storage = true,
                 ("acl", None) => p.acl = Some(true),
                 ("noacl", None) => p.acl = Some(false),
@@ -135,7 +135,7 @@ pub fn parse_options<S: AsRef<str>>(lists: &[S]) -> anyhow::Result<ParsedOptions
                 }
                 _ => bail!(
                     "unknown mount option '{opt}' (known: ro, rw, allow_other, nosuid, nodev, \
-                     noexec, noatime, sync, no_writeback, no_uring, shared_storage, acl, noacl, kms_timeout=SECONDS, kms_config=PATH, \
+                     noexec, noatime, sync, no_writeback, uring, shared_storage, acl, noacl, kms_timeout=SECONDS, kms_config=PATH, \
                      kcv=HEX, allow_suid_dev, and mount(8)'s _netdev, nofail, auto, noauto, user, defaults, x-*)"
                 ),
             }
@@ -182,6 +182,19 @@ mod tests {
             parse_options(&["rw,shared_storage"])
                 .unwrap()
                 .shared_storage
+        );
+    }
+
+    #[test]
+    fn uring_is_asked_for_and_last_one_wins() {
+        let uring = |o: &str| parse_options(&[o]).unwrap().uring;
+        assert!(!uring("rw"));
+        assert!(uring("rw,uring"));
+        assert!(!uring("uring,no_uring"));
+        // Not a kernel mount option: it must not reach mount(2).
+        assert_eq!(
+            parse_options(&["rw,uring"]).unwrap().kernel,
+            parse_options(&["rw"]).unwrap().kernel
         );
     }
 

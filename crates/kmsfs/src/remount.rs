@@ -3,7 +3,7 @@
 //! options plus the changes and `remount`. Only the generic flags change
 //! (`ro`/`rw`, `noexec`, `noatime`, `sync`, ...), in place, through
 //! mount(2); the daemon, its keys and its open files stay. What the daemon
-//! fixed at mount time (`allow_other`, `acl`, `no_writeback`,
+//! fixed at mount time (`allow_other`, `acl`, `no_writeback`, `uring`,
 //! `shared_storage`, the KMS options) stays as it was: mount(8) repeats
 //! fstab's options on a remount, so they are accepted and left alone.
 

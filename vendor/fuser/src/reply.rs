@@ -66,9 +66,7 @@ impl ReplySender {
     /// Open a backing file
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
         match self {
-            ReplySender::Channel(sender) | ReplySender::Uring(_, sender) => {
-                sender.open_backing(fd)
-            }
+            ReplySender::Channel(sender) | ReplySender::Uring(_, sender) => sender.open_backing(fd),
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),
             #[cfg(test)]

@@ -323,9 +323,11 @@ impl<FS: Filesystem> Session<FS> {
         let mut uring_threads = Vec::new();
         #[cfg(target_os = "linux")]
         if let Some(params) = uring {
-            for qid in 0..crate::uring::queue_count()? {
+            for (qid, k) in (0..crate::uring::queue_count()?)
+                .flat_map(|qid| (0..n_threads).map(move |k| (qid, k)))
+            {
                 let qid = u16::try_from(qid).map_err(|_| io::Error::other("too many CPUs"))?;
-                let thread_name = format!("fuser-uring-{qid}");
+                let thread_name = format!("fuser-uring-{qid}-{k}");
                 let event_loop = SessionEventLoop {
                     thread_name: thread_name.clone(),
                     filesystem: filesystem.clone(),
@@ -335,9 +337,11 @@ impl<FS: Filesystem> Session<FS> {
                 };
                 let ch = uring_ch.clone();
                 let stop = stop.clone();
-                uring_threads.push(thread::Builder::new().name(thread_name).spawn(move || {
-                    crate::uring::run_queue(qid, params, ch, event_loop, stop)
-                })?);
+                uring_threads.push(
+                    thread::Builder::new().name(thread_name).spawn(move || {
+                        crate::uring::run_queue(qid, params, ch, event_loop, stop)
+                    })?,
+                );
             }
         }
 

@@ -1,10 +1,17 @@
 //! FUSE over io_uring (kmsfs patch; Linux 6.14+ with `fuse.enable_uring=1`).
 //!
 //! The kernel keeps one request queue per possible CPU and hands a request
-//! to the queue of the CPU its caller runs on. Each queue here is one ring
-//! served by one thread pinned to that CPU, so a request and its reply stay
+//! to the queue of the CPU its caller runs on. Each queue here is served by
+//! `n_threads` threads pinned to that CPU, so a request and its reply stay
 //! on the caller's CPU instead of waking a reader thread elsewhere (see
 //! docs.kernel.org/filesystems/fuse-io-uring.html).
+//!
+//! Each thread has a ring of its own with a single entry registered: the
+//! kernel gives a request only to an entry that is waiting, so a thread
+//! held in a request (a write paused by a snapshot's freeze) takes no more
+//! requests, and its queue's other threads serve the next ones, as the
+//! `/dev/fuse` workers do. With several entries per thread, requests would
+//! wait behind a held one on the same thread.
 //!
 //! Each ring entry owns a header buffer (`struct fuse_uring_req_header`) and
 //! a payload buffer. The kernel writes a request's `fuse_in_header` and
@@ -59,8 +66,8 @@ const IN_HEADER_SZ: usize = size_of::<abi::fuse_in_header>();
 const OUT_HEADER_SZ: usize = size_of::<abi::fuse_out_header>();
 /// Room in front of the payload for the in header and the per-op header.
 const PREFIX: usize = IN_HEADER_SZ + OP_IN_SZ + 8 - (IN_HEADER_SZ + OP_IN_SZ) % 8;
-/// Entries per queue: how many requests one CPU's queue can hold at once.
-const QUEUE_DEPTH: usize = 8;
+/// Entries per thread (see the module comment for why one).
+const QUEUE_DEPTH: usize = 1;
 /// `user_data` of the poll on the stop eventfd.
 const STOP_TOKEN: u64 = u64::MAX;
 
@@ -268,7 +275,10 @@ impl ReplySlot {
         if len > st.cap {
             // The kernel sized the buffer for the largest reply it accepts;
             // a larger one is a bug, and the caller gets EIO, not a hang.
-            error!("io_uring reply of {len} bytes exceeds the {} byte buffer", st.cap);
+            error!(
+                "io_uring reply of {len} bytes exceeds the {} byte buffer",
+                st.cap
+            );
             header[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
             header[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
             rest.clear();
@@ -282,7 +292,11 @@ impl ReplySlot {
                 // SAFETY: `written + part.len() <= cap` (checked above), and
                 // the request did not borrow the payload buffer (`direct`).
                 unsafe {
-                    std::ptr::copy_nonoverlapping(part.as_ptr(), st.payload.add(written), part.len())
+                    std::ptr::copy_nonoverlapping(
+                        part.as_ptr(),
+                        st.payload.add(written),
+                        part.len(),
+                    )
                 };
             } else {
                 st.staged.extend_from_slice(part);
@@ -305,7 +319,9 @@ impl ReplySlot {
         if !st.direct && !st.staged.is_empty() {
             // SAFETY: `staged.len() == len <= cap`, and the request that
             // borrowed the payload buffer has been dropped.
-            unsafe { std::ptr::copy_nonoverlapping(st.staged.as_ptr(), st.payload, st.staged.len()) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(st.staged.as_ptr(), st.payload, st.staged.len())
+            };
         }
         st.closed = true;
         len
@@ -336,7 +352,8 @@ impl StopSignal {
     }
 }
 
-/// Serves one queue until the connection ends or `stop` fires.
+/// Serves requests of queue `qid` on this thread's own ring until the
+/// connection ends or `stop` fires.
 pub(crate) fn run_queue<FS: Filesystem>(
     qid: u16,
     params: UringParams,
@@ -443,7 +460,8 @@ fn handle<FS: Filesystem>(
     };
     entry.commit_id = commit_id;
     entry.last_cmd = CMD_COMMIT_AND_FETCH;
-    let total = u32::from_ne_bytes([in_header[0], in_header[1], in_header[2], in_header[3]]) as usize;
+    let total =
+        u32::from_ne_bytes([in_header[0], in_header[1], in_header[2], in_header[3]]) as usize;
     let unique = u64::from_ne_bytes(in_header[8..16].try_into().unwrap_or([0; 8]));
     let slot = Arc::new(ReplySlot {
         state: Mutex::new(SlotState {
@@ -470,7 +488,11 @@ fn handle<FS: Filesystem>(
             // kernel. Nothing else touches the buffer until the commit.
             let data: &[u8] = unsafe {
                 std::ptr::copy_nonoverlapping(in_header.as_ptr(), base.add(start), IN_HEADER_SZ);
-                std::ptr::copy_nonoverlapping(op_in.as_ptr(), base.add(start + IN_HEADER_SZ), op_sz);
+                std::ptr::copy_nonoverlapping(
+                    op_in.as_ptr(),
+                    base.add(start + IN_HEADER_SZ),
+                    op_sz,
+                );
                 std::slice::from_raw_parts(base.add(start), PREFIX - start + payload_sz)
             };
             let data: &[u8] = if start % 8 == 0 {
@@ -482,7 +504,11 @@ fn handle<FS: Filesystem>(
                 scratch.resize(data.len().div_ceil(8), 0);
                 // SAFETY: `scratch` holds at least `data.len()` bytes.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(data.as_ptr(), scratch.as_mut_ptr().cast::<u8>(), data.len());
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        scratch.as_mut_ptr().cast::<u8>(),
+                        data.len(),
+                    );
                     std::slice::from_raw_parts(scratch.as_ptr().cast::<u8>(), data.len())
                 }
             };
