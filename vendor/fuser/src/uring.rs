@@ -47,7 +47,9 @@ use parking_lot::Condvar;
 use parking_lot::Mutex;
 
 use crate::Filesystem;
+use crate::ReplyEmpty;
 use crate::channel::Channel;
+use crate::ll::Operation;
 use crate::ll::fuse_abi as abi;
 use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
@@ -513,6 +515,10 @@ fn handle<FS: Filesystem>(
                 }
             };
             match RequestWithSender::new_uring(sender.clone(), slot.clone(), data) {
+                // DESTROY is answered here, as the /dev/fuse loop does.
+                Some(req) if matches!(req.request.operation(), Ok(Operation::Destroy(_))) => {
+                    req.reply::<ReplyEmpty>().ok();
+                }
                 Some(req) => req.dispatch(se),
                 None => reply_errno(&slot, unique, libc::EIO),
             }
