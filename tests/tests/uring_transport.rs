@@ -10,6 +10,7 @@ use kmsfs_fuse::{uring_requests, MountSettings};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -31,6 +32,38 @@ impl Drop for UringParam {
         let _ = fs::write(PARAM, old);
     }
 }
+
+/// Log lines written while mounting (the kernel's INIT is answered on the
+/// mounting thread).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Mounts, returning the guard and what the mount logged.
+fn mount_logged(s: &TestFs, settings: &MountSettings) -> (MountGuard, String) {
+    let cap = Captured::default();
+    let writer = cap.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let m = tracing::subscriber::with_default(subscriber, || {
+        MountGuard::mount_with(&s.cipher, &s.plain, &s.master, settings).unwrap()
+    });
+    let log = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
+    (m, log)
+}
+
+const NOT_OFFERED: &str = "the kernel does not offer FUSE over io_uring";
 
 /// A mixed workload; panics on any wrong byte or listing.
 fn workload(root: &Path) {
@@ -102,7 +135,8 @@ fn requests_travel_over_io_uring_when_the_kernel_offers_it() {
         ..Default::default()
     };
 
-    let m = MountGuard::mount_with(&s.cipher, &s.plain, &s.master, &settings).unwrap();
+    let (m, log) = mount_logged(&s, &settings);
+    assert!(!log.contains(NOT_OFFERED), "{log}");
     let before = uring_requests();
     workload(&s.plain);
     let over_ring = uring_requests() - before;
@@ -133,10 +167,12 @@ fn requests_travel_over_io_uring_when_the_kernel_offers_it() {
     );
     m.unmount().unwrap();
 
-    // With the parameter off the kernel does not offer it: /dev/fuse.
+    // With the parameter off the kernel does not offer it: /dev/fuse, and
+    // the mount says why.
     drop(param);
     let _off = UringParam::set(false);
-    let m = MountGuard::mount_with(&s.cipher, &s.plain, &s.master, &settings).unwrap();
+    let (m, log) = mount_logged(&s, &settings);
+    assert!(log.contains(NOT_OFFERED), "no warning in: {log}");
     let before = uring_requests();
     assert_eq!(fs::read_to_string(s.plain.join("moved")).unwrap(), "7");
     assert_eq!(uring_requests(), before, "rings used with enable_uring off");

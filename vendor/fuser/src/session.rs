@@ -337,11 +337,15 @@ impl<FS: Filesystem> Session<FS> {
                 };
                 let ch = uring_ch.clone();
                 let stop = stop.clone();
-                uring_threads.push(
-                    thread::Builder::new().name(thread_name).spawn(move || {
-                        crate::uring::run_queue(qid, params, ch, event_loop, stop)
-                    })?,
-                );
+                uring_threads.push(thread::Builder::new().name(thread_name).spawn(move || {
+                    // Said at once: until every queue has registered,
+                    // the kernel keeps requests on /dev/fuse.
+                    let r = crate::uring::run_queue(qid, params, ch, event_loop, stop);
+                    if let Err(e) = &r {
+                        warn!("fuse io_uring queue {qid} thread failed: {e}");
+                    }
+                    r
+                })?);
             }
         }
 
@@ -368,7 +372,7 @@ impl<FS: Filesystem> Session<FS> {
             for thread in uring_threads {
                 match thread.join() {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!("fuse io_uring queue failed: {e}"),
+                    Ok(Err(_)) => {} // logged by the thread
                     Err(_) => return Err(io::Error::other("io_uring queue thread panicked")),
                 }
             }
