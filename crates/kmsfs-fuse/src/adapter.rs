@@ -134,9 +134,8 @@ impl Filesystem for KmsFs {
                  serving over /dev/fuse"
             );
         }
-        debug!("FUSE over io_uring: {uring}");
         debug!(
-            "FUSE init: capabilities {:?}, writeback cache {}, file handles {}",
+            "FUSE init: capabilities {:?}, writeback cache {}, file handles {}, io_uring {uring}",
             config.capabilities(),
             self.writeback,
             self.inodes.uses_handles()

@@ -147,6 +147,13 @@ impl KmsFs {
         })
     }
 
+    /// Takes FUSE over io_uring at `init` if the kernel offers it
+    /// (docs/performance.md, step 10).
+    pub fn with_uring(mut self, on: bool) -> Self {
+        self.want_uring = on;
+        self
+    }
+
     /// The full-store error state, shared with the session for notifications.
     pub fn space_errors(&self) -> Arc<SpaceErrors> {
         self.space.clone()

@@ -525,13 +525,6 @@ impl KmsFs {
         self
     }
 
-    /// Takes FUSE over io_uring at `init` if the kernel offers it
-    /// (docs/performance.md, step 10).
-    pub fn with_uring(mut self, on: bool) -> Self {
-        self.want_uring = on;
-        self
-    }
-
     /// Asks the kernel, at `init`, to leave clearing privileges on write to
     /// the daemon (`FUSE_HANDLE_KILLPRIV_V2`): without it, every write
     /// would first ask `getxattr("security.capability")`. With ACLs on,

@@ -238,6 +238,8 @@ struct SlotState {
     out_header: *mut u8,
     payload: *mut u8,
     cap: usize,
+    /// The request's id, for an error reply made here.
+    unique: u64,
     direct: bool,
     staged: Vec<u8>,
     /// Payload length of the reply, once sent.
@@ -258,41 +260,39 @@ impl ReplySlot {
             return Err(io::Error::other("io_uring reply sent twice or too late"));
         }
         let total: usize = data.iter().map(|d| d.len()).sum();
-        if total < OUT_HEADER_SZ {
-            return Err(io::Error::other("reply shorter than fuse_out_header"));
-        }
         let mut header = [0u8; OUT_HEADER_SZ];
         let mut at = 0;
-        let mut rest: Vec<&[u8]> = Vec::with_capacity(data.len());
         for d in data {
-            let d: &[u8] = d;
             let take = (OUT_HEADER_SZ - at).min(d.len());
             header[at..at + take].copy_from_slice(&d[..take]);
             at += take;
-            if take < d.len() {
-                rest.push(&d[take..]);
+            if at == OUT_HEADER_SZ {
+                break;
             }
         }
-        let len = total - OUT_HEADER_SZ;
-        if len > st.cap {
+        let len = total.saturating_sub(OUT_HEADER_SZ);
+        let fits = total >= OUT_HEADER_SZ && len <= st.cap;
+        if !fits {
             // The kernel sized the buffer for the largest reply it accepts;
-            // a larger one is a bug, and the caller gets EIO, not a hang.
+            // anything else is a bug, and the caller gets EIO, not a hang.
             error!(
-                "io_uring reply of {len} bytes exceeds the {} byte buffer",
+                "io_uring reply of {total} bytes does not fit a {} byte buffer",
                 st.cap
             );
-            header[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-            header[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
-            rest.clear();
+            header = error_header(st.unique, libc::EIO);
         }
         // SAFETY: `out_header` points at the entry's 128-byte in_out area,
         // which no one else reads or writes until the entry is committed.
         unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), st.out_header, OUT_HEADER_SZ) };
         let mut written = 0;
-        for part in rest {
+        let mut skip = OUT_HEADER_SZ;
+        for d in data.iter().filter(|_| fits) {
+            let from = skip.min(d.len());
+            skip -= from;
+            let part = &d[from..];
             if st.direct {
-                // SAFETY: `written + part.len() <= cap` (checked above), and
-                // the request did not borrow the payload buffer (`direct`).
+                // SAFETY: `written + part.len() <= len <= cap`, and the
+                // request did not borrow the payload buffer (`direct`).
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         part.as_ptr(),
@@ -471,6 +471,7 @@ fn handle<FS: Filesystem>(
             out_header: unsafe { std::ptr::addr_of_mut!((*hp).in_out) }.cast(),
             payload: entry.payload(),
             cap: entry.payload_cap(),
+            unique,
             direct: payload_sz == 0,
             staged: Vec::new(),
             sent: None,
@@ -534,12 +535,17 @@ fn handle<FS: Filesystem>(
     unsafe { (*hp).payload_sz = len as u32 };
 }
 
-fn reply_errno(slot: &ReplySlot, unique: u64, errno: i32) {
+/// A `fuse_out_header` that answers request `unique` with `-errno`.
+fn error_header(unique: u64, errno: i32) -> [u8; OUT_HEADER_SZ] {
     let mut h = [0u8; OUT_HEADER_SZ];
     h[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
     h[4..8].copy_from_slice(&(-errno).to_ne_bytes());
     h[8..16].copy_from_slice(&unique.to_ne_bytes());
-    let _ = slot.send(&[IoSlice::new(&h)]);
+    h
+}
+
+fn reply_errno(slot: &ReplySlot, unique: u64, errno: i32) {
+    let _ = slot.send(&[IoSlice::new(&error_header(unique, errno))]);
 }
 
 /// The kernel queues a request on its caller's CPU; serving it there
