@@ -233,7 +233,6 @@ pub(crate) struct ReplySlot {
     done: Condvar,
 }
 
-#[derive(Debug)]
 struct SlotState {
     out_header: *mut u8,
     payload: *mut u8,
@@ -246,6 +245,19 @@ struct SlotState {
     sent: Option<usize>,
     /// Set when the entry went back to the kernel: the pointers are stale.
     closed: bool,
+}
+
+/// Says where the reply stands, never what it holds: a reply carries file
+/// contents and names in plaintext.
+impl std::fmt::Debug for SlotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotState")
+            .field("unique", &self.unique)
+            .field("direct", &self.direct)
+            .field("sent", &self.sent)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
 }
 
 // SAFETY: the raw pointers name the ring entry's buffers, which outlive the
