@@ -67,7 +67,7 @@ const IOV_SEGS: u32 = 2;
 const IN_HEADER_SZ: usize = size_of::<abi::fuse_in_header>();
 const OUT_HEADER_SZ: usize = size_of::<abi::fuse_out_header>();
 /// Room in front of the payload for the in header and the per-op header.
-const PREFIX: usize = IN_HEADER_SZ + OP_IN_SZ + 8 - (IN_HEADER_SZ + OP_IN_SZ) % 8;
+const PREFIX: usize = (IN_HEADER_SZ + OP_IN_SZ).next_multiple_of(8);
 /// Entries per thread (see the module comment for why one).
 const QUEUE_DEPTH: usize = 1;
 /// `user_data` of the poll on the stop eventfd.
